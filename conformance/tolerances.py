@@ -1,0 +1,62 @@
+"""Every tolerance fastvision's tests use, in one place, each with its reason.
+
+Kernels follow FlashAttention's own rule (tests/test_flash_attn.py): a backend's error against the
+float64 oracle may be at most twice the error of the plain-PyTorch reference computed in the same
+dtype, plus a floor for the dtype's rounding. Whole models compare logits on valid tokens. Anything
+4-bit is judged by signal-to-noise ratio in dB, not allclose.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Twice the reference's own error: FlashAttention's rule (FA2 tests, "at most twice the numerical
+# error of a PyTorch implementation").
+KERNEL_ERROR_FACTOR = 2.0
+
+# Floors: twice the rounding of an O(1) output, FA3's `2 * max|ref + 0.3 - 0.3 - ref|`. bf16 has an
+# 8-bit mantissa (2^-8 = 3.9e-3), fp16 11 bits (4.9e-4), fp32 24 bits (6e-8, but accumulation order
+# over a few hundred keys costs ~1e-6).
+KERNEL_ERROR_FLOOR = {
+    torch.float32: 1e-5,
+    torch.float16: 1e-3,
+    torch.bfloat16: 8e-3,
+    torch.float64: 1e-12,
+}
+
+# Gradients accumulate over every query (dk, dv) or key (dq) of a row, so their floor scales with
+# sqrt of that count in practice; FA's tests use the same 2x rule for dq/dk/dv and a larger floor.
+GRAD_ERROR_FLOOR = {
+    torch.float32: 5e-5,
+    torch.float16: 5e-3,
+    torch.bfloat16: 3e-2,
+    torch.float64: 1e-10,
+}
+
+# Issue 2: the reference backend's fp32 logits against transformers' own eager model, valid tokens.
+# Both compute the same fp32 math; only summation order differs (SDPA vs matmul-softmax).
+MODEL_LOGITS_ATOL_FP32 = 1e-4
+
+# Whole-model parity in 16-bit: transformers' own `_test_eager_matches_sdpa_inference` bound for
+# bf16/fp16 on valid rows.
+MODEL_LOGITS_ATOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 1e-2}
+
+# NF4 keeps ~3.6 bits of signal per weight; a tiny random 4-bit model's logits against its 16-bit twin
+# measure ~15-25 dB. Below 10 dB means the 4-bit path is broken (wrong layer quantized twice, wrong
+# compute dtype), not merely quantized.
+NF4_LOGITS_MIN_SQNR_DB = 10.0
+
+
+def kernel_bound(reference_error: float, dtype: torch.dtype, *, grad: bool = False) -> float:
+    """The largest error against the oracle a backend may have, given the reference's own error."""
+    floor = (GRAD_ERROR_FLOOR if grad else KERNEL_ERROR_FLOOR)[dtype]
+    return KERNEL_ERROR_FACTOR * reference_error + floor
+
+
+def sqnr_db(signal: torch.Tensor, approximation: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB (torchao's `compute_error`)."""
+    signal, approximation = signal.double(), approximation.double()
+    noise = (signal - approximation).norm()
+    if noise == 0:
+        return float("inf")
+    return float(20 * torch.log10(signal.norm() / noise))
