@@ -1,0 +1,49 @@
+"""`FastBaseModel`, `FastModel`, `FastVisionModel`: Unsloth's entry points, over fastvision's pipeline.
+
+`FastVisionModel` is a thin subclass of `FastModel`, which inherits `FastBaseModel.from_pretrained`;
+a backend is chosen by the `backend` class attribute, so `optimized` only overrides that.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+from reference.contract import LoadRequest
+from reference.loader import Backend, load
+from reference.ops import attention as reference_attention
+from reference.hf_attention import register
+
+SDPA_KEY = register("fastvision_reference", reference_attention.attention)
+MATMUL_KEY = register(
+    "fastvision_reference_matmul", lambda q, k, v, spec: reference_attention.attention(q, k, v, spec, use_sdpa=False)
+)
+
+REFERENCE = Backend(
+    name="reference",
+    attention_key=lambda request: SDPA_KEY if request.supports_sdpa else MATMUL_KEY,
+)
+
+
+class FastBaseModel:
+    backend: Backend = REFERENCE
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """Load (model, processor) for fine-tuning; see CONTRACT.md for every argument."""
+        return load(LoadRequest.from_call(*args, **kwargs), cls.backend)
+
+
+def _with_cls(signature: inspect.Signature) -> inspect.Signature:
+    cls_param = inspect.Parameter("cls", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return signature.replace(parameters=[cls_param, *signature.parameters.values()])
+
+
+FastBaseModel.from_pretrained.__func__.__signature__ = _with_cls(LoadRequest.signature())
+
+
+class FastModel(FastBaseModel):
+    """Unsloth's general entry point; for vision-language models it is `FastBaseModel` itself."""
+
+
+class FastVisionModel(FastModel):
+    """The entry point for vision-language models."""

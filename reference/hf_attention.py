@@ -1,0 +1,171 @@
+"""Plugging an attention op into transformers: one mask builder, one attention function per backend.
+
+transformers builds masks through `AttentionMaskInterface` by composing small mask functions
+(`causal_mask_function`, `sliding_window_overlay(W)`, `blockwise_overlay(ids)`, a padding mask) and
+evaluating them into an S x S tensor. Our mask builder reads that composition instead and returns an
+`AttentionSpec` — structure a kernel can use tile by tile. A composition it does not recognise is
+evaluated densely by transformers' own `sdpa_mask` and carried as `dense_mask`, so an unknown pattern
+is slow, never wrong. Both backends register through here; they differ only in the op they pass.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+
+import torch
+from transformers import masking_utils
+from transformers.modeling_utils import AttentionInterface
+
+from reference.ops.attention import AttentionSpec
+
+
+class _Unrecognised(Exception):
+    """A mask function whose structure we cannot read; the caller falls back to a dense mask."""
+
+
+def _nonlocals(fn) -> dict:
+    return inspect.getclosurevars(fn).nonlocals if getattr(fn, "__closure__", None) else {}
+
+
+def _factory_of(fn) -> str:
+    """`sliding_window_overlay.<locals>.inner_mask` -> `sliding_window_overlay`."""
+    return fn.__qualname__.split(".<locals>")[0] if "<locals>" in fn.__qualname__ else fn.__qualname__
+
+
+def _read(fn) -> dict:
+    """The structure of a transformers mask function as {causal, window, spans, always}; raises
+    _Unrecognised for anything else."""
+    if fn is masking_utils.causal_mask_function:
+        return {"causal": True}
+    if fn is masking_utils.bidirectional_mask_function:
+        return {"always": True}
+    factory, captured = _factory_of(fn), _nonlocals(fn)
+    if factory == "sliding_window_overlay":
+        return {"window": int(captured["sliding_window"])}
+    if factory == "blockwise_overlay":
+        return {"spans": captured["block_sequence_ids"]}
+    if factory == "and_masks":
+        return _read_and([_read(f) for f in captured["mask_functions"]])
+    if factory == "or_masks":
+        return _read_or([_read(f) for f in captured["mask_functions"]])
+    raise _Unrecognised(fn.__qualname__)
+
+
+def _read_and(parts: list[dict]) -> dict:
+    merged: dict = {}
+    for part in parts:
+        if "window" in part and "window" in merged:
+            part = {**part, "window": min(part["window"], merged["window"])}
+        if part.get("always"):
+            part = {k: v for k, v in part.items() if k != "always"}
+        merged.update(part)
+    if not merged.get("causal") and "spans" in merged:
+        raise _Unrecognised("spans without a causal base")
+    return merged or {"always": True}
+
+
+def _read_or(parts: list[dict]) -> dict:
+    """Supported unions: causal | spans (Gemma3 image tokens), and anything | always (bidirectional)."""
+    if any(p == {"always": True} for p in parts):
+        return {"always": True}
+    if len(parts) == 2 and {"causal": True} in parts and any(set(p) == {"spans"} for p in parts):
+        return {"causal": True, "spans": next(p["spans"] for p in parts if "spans" in p)}
+    if len(parts) == 2 and {"causal": True} in parts:
+        other = next(p for p in parts if p != {"causal": True})
+        if other.get("causal") and set(other) <= {"causal", "spans"}:
+            return other
+    raise _Unrecognised("union")
+
+
+def _sizes(kwargs) -> tuple[int, int, int, int]:
+    """(q_length, kv_length, q_offset, kv_offset) from either mask-builder calling convention
+    (transformers >= 5.20 passes q_length/q_offset; earlier versions pass cache_position)."""
+    kv_length, kv_offset = int(kwargs["kv_length"]), int(kwargs.get("kv_offset", 0))
+    if "q_length" in kwargs:
+        return int(kwargs["q_length"]), kv_length, int(kwargs.get("q_offset", 0)), kv_offset
+    cache_position = kwargs["cache_position"]
+    return cache_position.shape[0], kv_length, int(cache_position[0]), kv_offset
+
+
+def _spec_from_structure(structure: dict, kwargs) -> AttentionSpec:
+    q_length, kv_length, q_offset, kv_offset = _sizes(kwargs)
+    if q_offset - kv_offset != kv_length - q_length:  # queries not bottom-right aligned (e.g. a static cache)
+        raise _Unrecognised("offsets")
+    padding = masking_utils.prepare_padding_mask(kwargs.get("attention_mask"), kv_length, kv_offset)
+    key_padding = None
+    if padding is not None:
+        key_padding = padding[:, kv_offset : kv_offset + kv_length].bool()
+        if bool(key_padding.all()):
+            key_padding = None
+    spans = structure.get("spans")
+    if spans is not None:
+        spans = masking_utils.maybe_pad_block_sequence_ids(spans, None, kv_length, kv_offset)
+        spans = spans[:, kv_offset : kv_offset + kv_length]
+    return AttentionSpec(
+        causal=bool(structure.get("causal")), window=structure.get("window"), key_padding=key_padding, span_ids=spans
+    )
+
+
+def build_mask_spec(*args, **kwargs) -> AttentionSpec:
+    """Our `AttentionMaskInterface` entry: transformers' mask arguments -> an AttentionSpec."""
+    try:
+        return _spec_from_structure(_read(kwargs["mask_function"]), kwargs)
+    except _Unrecognised:
+        kwargs = {**kwargs, "allow_is_causal_skip": False}
+        dense = masking_utils.sdpa_mask(*args, **kwargs)
+        return AttentionSpec(dense_mask=dense)
+
+
+def _spec_from_tensor(mask: torch.Tensor, key_length: int) -> AttentionSpec:
+    """A mask a model built itself (Pixtral's block-diagonal float mask): boolean, True = attend."""
+    mask = mask[..., :key_length]
+    if mask.dtype == torch.bool:
+        return AttentionSpec(dense_mask=mask)
+    # Additive masks here are 0 (attend) or finfo.min (not); anything between would be a bias we drop.
+    blocked = mask <= torch.finfo(mask.dtype).min / 2
+    if bool(((mask != 0) & ~blocked).any()):
+        raise ValueError("additive attention biases other than 0 / finfo.min are not supported")
+    return AttentionSpec(dense_mask=~blocked)
+
+
+def spec_for_call(module, query, key, attention_mask, scaling, kwargs) -> AttentionSpec:
+    """The spec of one attention call, whatever form the model passed its mask in."""
+    if isinstance(attention_mask, AttentionSpec):
+        spec = attention_mask
+    elif isinstance(attention_mask, torch.Tensor):
+        spec = _spec_from_tensor(attention_mask, key.shape[-2])
+    else:  # None: vision towers pass is_causal=False; text modules carry is_causal=True
+        causal = kwargs.get("is_causal", getattr(module, "is_causal", False)) and query.shape[-2] > 1
+        spec = AttentionSpec(causal=bool(causal), window=kwargs.get("sliding_window"))
+    return AttentionSpec(**{**spec.__dict__, "scale": scaling, "softcap": kwargs.get("softcap")})
+
+
+AttentionOp = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionSpec], torch.Tensor]
+
+
+def make_attention_forward(op: AttentionOp) -> Callable:
+    """A transformers attention function serving every call through `op(q, k, v, spec)`."""
+
+    def attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        if dropout and module.training:
+            raise NotImplementedError(
+                f"attention dropout={dropout} in training is not supported by fastvision's attention; set the "
+                "config's attention_dropout to 0.0 (the default of every supported family)"
+            )
+        spec = spec_for_call(module, query, key, attention_mask, scaling, kwargs)
+        out = op(query, key, value, spec)
+        return out.transpose(1, 2).contiguous(), None  # transformers expects (B, Sq, H, D)
+
+    attention_forward.fastvision_op = op
+    return attention_forward
+
+
+def register(key: str, op: AttentionOp) -> str:
+    """Register `op` under `key` in transformers' attention and mask interfaces (both: with only the
+    first, transformers hands the function attention_mask=None and padding is silently ignored)."""
+    if "flash" in key:
+        raise ValueError(f"attention key {key!r} must not contain 'flash': transformers would fetch a hub kernel")
+    AttentionInterface.register(key, make_attention_forward(op))
+    masking_utils.AttentionMaskInterface.register(key, build_mask_spec)
+    return key

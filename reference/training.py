@@ -1,0 +1,124 @@
+"""What a load does to prepare a model for fine-tuning: freezing, checkpointing, embedding offload.
+
+`"unsloth"` checkpointing is activation checkpointing whose saved layer inputs live in CPU memory:
+only each layer's input is kept (as in plain checkpointing), and it is copied to the host in the
+forward and back in the backward, so device memory for activations no longer grows with the layer count.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+
+class _OffloadedCheckpoint(torch.autograd.Function):
+    """Runs `function(*args)` without saving activations; keeps the tensor args on the CPU and replays
+    the function from them in the backward (reentrant style, so frozen weights and LoRA both work)."""
+
+    @staticmethod
+    def forward(ctx, function, *args):
+        ctx.function = function
+        ctx.devices = [a.device if torch.is_tensor(a) else None for a in args]
+        ctx.requires_grad = [torch.is_tensor(a) and a.requires_grad for a in args]
+        ctx.args = [_to_host(a) if torch.is_tensor(a) else a for a in args]
+        ctx.rng_state = torch.get_rng_state()
+        ctx.cuda_rng_state = torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None
+        with torch.no_grad():
+            return function(*args)
+
+    @staticmethod
+    def backward(ctx, *grad_outputs):
+        inputs = [
+            a.to(device, non_blocking=True).requires_grad_(rg) if torch.is_tensor(a) else a
+            for a, device, rg in zip(ctx.args, ctx.devices, ctx.requires_grad)
+        ]
+        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if ctx.cuda_rng_state is not None else []):
+            torch.set_rng_state(ctx.rng_state)  # dropout masks replay exactly
+            if ctx.cuda_rng_state is not None:
+                torch.cuda.set_rng_state(ctx.cuda_rng_state)
+            with torch.enable_grad():
+                outputs = ctx.function(*inputs)
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if torch.is_tensor(o) and o.requires_grad]
+        if pairs:
+            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+        return (None, *[a.grad if torch.is_tensor(a) and rg else None for a, rg in zip(inputs, ctx.requires_grad)])
+
+
+def _to_host(tensor: torch.Tensor) -> torch.Tensor:
+    if tensor.device.type == "cpu":
+        return tensor.detach()
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    return host.copy_(tensor.detach(), non_blocking=True)
+
+
+def offloaded_checkpoint(function, *args, **kwargs):
+    """A transformers `_gradient_checkpointing_func` whose saved layer inputs live in CPU memory."""
+    if kwargs:
+        function = _bind_kwargs(function, kwargs)
+    return _OffloadedCheckpoint.apply(function, *args)
+
+
+def _bind_kwargs(function, kwargs):
+    def bound(*args):
+        return function(*args, **kwargs)
+
+    return bound
+
+
+def enable_checkpointing(model: nn.Module, mode: bool | str) -> None:
+    """True: transformers' own checkpointing. "unsloth": the same with CPU-offloaded layer inputs.
+    Either way `use_cache=False` (a cache is useless when layers are replayed) and the input embeddings
+    require grad, so checkpointed layers see a graph even with every base weight frozen."""
+    if mode is False:
+        return
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        enable({"use_reentrant": False})
+    if mode == "unsloth":
+        for module in model.modules():
+            if getattr(module, "gradient_checkpointing", False):
+                module._gradient_checkpointing_func = offloaded_checkpoint
+    for config in _all_configs(model.config):
+        config.use_cache = False
+    model.enable_input_require_grads()
+
+
+def _all_configs(config):
+    yield config
+    for key in getattr(config, "sub_configs", {}):
+        sub = getattr(config, key, None)
+        if sub is not None:
+            yield sub
+
+
+def set_trainable(model: nn.Module, full_finetuning: bool, master_fp32: bool) -> None:
+    """Full finetuning: every parameter trains (in fp32 when `master_fp32`); otherwise all frozen, for
+    adapters to be added later."""
+    for parameter in model.parameters():
+        trainable = full_finetuning and parameter.dtype.is_floating_point
+        if trainable and master_fp32 and parameter.dtype != torch.float32:
+            parameter.data = parameter.data.float()
+        parameter.requires_grad_(trainable)
+
+
+def offload_embedding(model: nn.Module, tied: bool) -> bool:
+    """Keep the input embedding in CPU memory and move its input and output per call. Refused (with a
+    warning) when the embedding is tied to lm_head: moving it would move the head too."""
+    if tied:
+        warnings.warn(
+            "offload_embedding=True is refused: this model's input embedding is tied to lm_head, so it stays on "
+            "the device.",
+            stacklevel=4,
+        )
+        return False
+    embedding = model.get_input_embeddings()
+    device = embedding.weight.device
+    embedding.to("cpu")
+    embedding.register_forward_pre_hook(lambda _m, args: tuple(a.to("cpu") for a in args))
+    embedding.register_forward_hook(lambda _m, _args, output: output.to(device, non_blocking=True))
+    embedding.fastvision_offloaded_from = device
+    return True
