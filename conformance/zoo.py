@@ -493,6 +493,7 @@ def checkpoint(family: str, *, seed: int = 0) -> pathlib.Path:
         tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=root))
         try:
             build(family, tmp, seed=seed)
+            tmp.chmod(0o755)  # mkdtemp made it owner-only; a CI cache may be shared between users
             try:
                 os.replace(tmp, final)
             except OSError:

@@ -83,9 +83,9 @@ def loaded(request, tmp_path_factory) -> Loaded:
     return Loaded(request.param, path, processor, model)
 
 
-def _prompt(processor, text: str = "What is in this image?", generation: bool = True) -> str:
+def _prompt(processor, text: str = "What is in this image?") -> str:
     conversation = zoo.sample_conversation(text)
-    return processor.apply_chat_template(conversation, add_generation_prompt=generation, tokenize=False)
+    return processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
 
 
 def _digests(directory: pathlib.Path) -> dict[str, str]:
@@ -126,7 +126,8 @@ def test_qwen2_5_vision_has_several_windows_and_one_full_block(loaded):
     assert len(vision.fullatt_block_indexes) == 1
     assert 0 <= vision.fullatt_block_indexes[0] < vision.depth
     inputs = loaded.processor(text=[_prompt(loaded.processor)], images=[zoo.sample_image()])
-    _, height, width = (int(n) // vision.spatial_merge_size for n in inputs["image_grid_thw"][0])
+    _, patch_rows, patch_columns = (int(n) for n in inputs["image_grid_thw"][0])
+    height, width = patch_rows // vision.spatial_merge_size, patch_columns // vision.spatial_merge_size
     # window_size is in pixels; windows tile the grid of merged tokens.
     edge = vision.window_size // (vision.patch_size * vision.spatial_merge_size)
     assert -(-height // edge) * -(-width // edge) > 1
