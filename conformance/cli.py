@@ -19,8 +19,11 @@ import time
 
 from conformance import zoo
 
-MODES = {"4bit": {"load_in_4bit": True}, "8bit": {"load_in_4bit": False, "load_in_8bit": True},
-         "16bit": {"load_in_4bit": False}}  # fmt: skip
+MODES = {
+    "4bit": {"load_in_4bit": True},
+    "8bit": {"load_in_4bit": False, "load_in_8bit": True},
+    "16bit": {"load_in_4bit": False},
+}
 
 
 @contextlib.contextmanager

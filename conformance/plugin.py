@@ -32,10 +32,17 @@ settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
 def pytest_addoption(parser):
     group = parser.getgroup("fastvision")
-    group.addoption("--backend", default=None,
-                    help=f"backend under test: reference, optimized, or a module path (fallback: ${BACKEND_ENV})")  # fmt: skip
-    group.addoption("--device", default=None, choices=("cpu", "cuda"),
-                    help=f"device the suite runs on (fallback: ${DEVICE_ENV}, else cpu)")  # fmt: skip
+    group.addoption(
+        "--backend",
+        default=None,
+        help=f"backend under test: reference, optimized, or a module path (fallback: ${BACKEND_ENV})",
+    )
+    group.addoption(
+        "--device",
+        default=None,
+        choices=("cpu", "cuda"),
+        help=f"device the suite runs on (fallback: ${DEVICE_ENV}, else cpu)",
+    )
 
 
 def pytest_configure(config):
@@ -56,8 +63,9 @@ def load_backend(name: str) -> types.ModuleType:
     module = importlib.import_module(name)
     missing = [n for n in REQUIRED_NAMES if not hasattr(module, n)]
     if missing:
-        raise pytest.UsageError(f"backend module {name!r} lacks {', '.join(missing)}; a backend exposes "
-                                f"{', '.join(REQUIRED_NAMES)}")  # fmt: skip
+        raise pytest.UsageError(
+            f"backend module {name!r} lacks {', '.join(missing)}; a backend exposes {', '.join(REQUIRED_NAMES)}"
+        )
     return module
 
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 import inspect
 
 from reference.contract import LoadRequest
+from reference.hf_attention import register
 from reference.loader import Backend, load
 from reference.ops import attention as reference_attention
-from reference.hf_attention import register
 
 SDPA_KEY = register("fastvision_reference", reference_attention.attention)
 MATMUL_KEY = register(

@@ -28,10 +28,15 @@ DEFAULT_AUTO_MODEL = getattr(transformers, "AutoModelForVision2Seq", transformer
 
 DTYPES = {torch.float16: torch.float16, torch.bfloat16: torch.bfloat16, torch.float32: torch.float32}
 DTYPE_NAMES = {
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-}  # fmt: skip
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+}
 DEVICE_MAP_NAMES = ("sequential", "auto", "balanced", "balanced_low_0", "cpu")
 # Below this many tokens the CPU round trip of "unsloth" checkpointing costs more than the memory it
 # saves (Unsloth's rule, unsloth/models/_utils.py): it becomes plain checkpointing.
@@ -78,9 +83,7 @@ class LoadRequest:
         """The public signature: every field but `kwargs` as a keyword-or-positional, then **kwargs."""
         kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
         params = [
-            inspect.Parameter(f.name, kind, default=f.default)
-            for f in dataclasses.fields(cls)
-            if f.name != "kwargs"
+            inspect.Parameter(f.name, kind, default=f.default) for f in dataclasses.fields(cls) if f.name != "kwargs"
         ]
         params.append(inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD))
         return inspect.Signature(params)
@@ -104,7 +107,7 @@ class LoadRequest:
     # ------------------------------------------------------------------ derived settings
     @property
     def mode(self) -> str:
-        """"4bit", "8bit", "16bit" or "full": full finetuning clears 4-bit and 8-bit (with a warning)."""
+        """ "4bit", "8bit", "16bit" or "full": full finetuning clears 4-bit and 8-bit (with a warning)."""
         if self.full_finetuning:
             return "full"
         if self.kwargs.get("quantization_config") is not None:
@@ -181,9 +184,18 @@ def _expect(request: LoadRequest, name: str, ok: bool, accepted: str) -> None:
 
 
 _BOOL_ARGUMENTS = (
-    "load_in_4bit", "load_in_8bit", "load_in_16bit", "full_finetuning", "trust_remote_code", "supports_sdpa",
-    "offload_embedding", "fast_inference", "float8_kv_cache", "disable_log_stats", "unsloth_vllm_standby",
-)  # fmt: skip
+    "load_in_4bit",
+    "load_in_8bit",
+    "load_in_16bit",
+    "full_finetuning",
+    "trust_remote_code",
+    "supports_sdpa",
+    "offload_embedding",
+    "fast_inference",
+    "float8_kv_cache",
+    "disable_log_stats",
+    "unsloth_vllm_standby",
+)
 
 
 def _check_types(r: LoadRequest) -> None:
@@ -192,20 +204,45 @@ def _check_types(r: LoadRequest) -> None:
     _expect(r, "model_name", isinstance(r.model_name, (str, os.PathLike)), "a local directory or a hub id 'owner/name'")
     _expect(r, "max_seq_length", _is_int(r.max_seq_length), "an int >= 1")
     _expect(r, "token", r.token is None or isinstance(r.token, str), "None or a str")
-    _expect(r, "float32_mixed_precision", r.float32_mixed_precision is None or _is_bool(r.float32_mixed_precision),
-            "None, True or False")  # fmt: skip
+    _expect(
+        r,
+        "float32_mixed_precision",
+        r.float32_mixed_precision is None or _is_bool(r.float32_mixed_precision),
+        "None, True or False",
+    )
     _expect(r, "random_state", _is_int(r.random_state), "an int")
     _expect(r, "max_lora_rank", _is_int(r.max_lora_rank), "an int >= 1")
-    _expect(r, "gpu_memory_utilization", isinstance(r.gpu_memory_utilization, (int, float))
-            and not _is_bool(r.gpu_memory_utilization), "a number in (0, 1]")  # fmt: skip
-    _expect(r, "tokenizer_name", r.tokenizer_name is None or isinstance(r.tokenizer_name, (str, os.PathLike)),
-            "None, a local directory or a hub id")  # fmt: skip
-    _expect(r, "model_types", r.model_types is None or (isinstance(r.model_types, (list, tuple))
-            and all(isinstance(t, str) for t in r.model_types)), "None or a list of model_type strings")  # fmt: skip
-    _expect(r, "auto_model", inspect.isclass(r.auto_model) and hasattr(r.auto_model, "from_pretrained"),
-            "a transformers auto class or model class")  # fmt: skip
-    _expect(r, "auto_config", r.auto_config is None or isinstance(r.auto_config, transformers.PretrainedConfig),
-            "None or a transformers PretrainedConfig")  # fmt: skip
+    _expect(
+        r,
+        "gpu_memory_utilization",
+        isinstance(r.gpu_memory_utilization, (int, float)) and not _is_bool(r.gpu_memory_utilization),
+        "a number in (0, 1]",
+    )
+    _expect(
+        r,
+        "tokenizer_name",
+        r.tokenizer_name is None or isinstance(r.tokenizer_name, (str, os.PathLike)),
+        "None, a local directory or a hub id",
+    )
+    _expect(
+        r,
+        "model_types",
+        r.model_types is None
+        or (isinstance(r.model_types, (list, tuple)) and all(isinstance(t, str) for t in r.model_types)),
+        "None or a list of model_type strings",
+    )
+    _expect(
+        r,
+        "auto_model",
+        inspect.isclass(r.auto_model) and hasattr(r.auto_model, "from_pretrained"),
+        "a transformers auto class or model class",
+    )
+    _expect(
+        r,
+        "auto_config",
+        r.auto_config is None or isinstance(r.auto_config, transformers.PretrainedConfig),
+        "None or a transformers PretrainedConfig",
+    )
     _check_dtype_type(r.dtype)
     _check_device_map_type(r.device_map)
 

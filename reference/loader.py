@@ -82,8 +82,12 @@ def _prepare(request: LoadRequest) -> _Prepared:
         resolved.path, token=request.token, trust_remote_code=request.trust_remote_code
     )
     if request.model_types is not None and config.model_type not in request.model_types:
-        raise ArgumentValueError("model_types", request.model_types, f"a list containing {config.model_type!r}",
-                                 f"The checkpoint's model_type is {config.model_type!r}.")  # fmt: skip
+        raise ArgumentValueError(
+            "model_types",
+            request.model_types,
+            f"a list containing {config.model_type!r}",
+            f"The checkpoint's model_type is {config.model_type!r}.",
+        )
     family = family_of(config)
     _check_fast_inference(request, family)
     on_gpu = _on_gpu(request.device_map)
@@ -184,8 +188,12 @@ def _load_weights(prepared: _Prepared, backend: Backend):
             rejected = _rejected_keyword(error, kwargs)
             if rejected is None:
                 raise
-            raise ArgumentTypeError(rejected, kwargs[rejected], "a keyword the model class accepts",
-                                    f"{request.auto_model.__name__}.from_pretrained rejected it: {error}") from error  # fmt: skip
+            raise ArgumentTypeError(
+                rejected,
+                kwargs[rejected],
+                "a keyword the model class accepts",
+                f"{request.auto_model.__name__}.from_pretrained rejected it: {error}",
+            ) from error
 
 
 def _rejected_keyword(error: TypeError, kwargs: dict) -> str | None:

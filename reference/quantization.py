@@ -117,8 +117,10 @@ def expected_plan(
     entries = []
     for name, module in _leaf_modules_with_weights(skeleton):
         part = part_of(name, family)
-        quantize = kind is not None and isinstance(module, nn.Linear) and (
-            part == "language model" or (part == "vision tower" and quantize_vision)
+        quantize = (
+            kind is not None
+            and isinstance(module, nn.Linear)
+            and (part == "language model" or (part == "vision tower" and quantize_vision))
         )
         if quantize:
             reason = "language-model linear" if part == "language model" else "vision linear (quantize_vision=True)"

@@ -21,7 +21,7 @@ class _OffloadedCheckpoint(torch.autograd.Function):
     def forward(ctx, function, *args):
         ctx.function = function
         ctx.devices = [a.device if torch.is_tensor(a) else None for a in args]
-        ctx.requires_grad = [torch.is_tensor(a) and a.requires_grad for a in args]
+        ctx.input_requires_grad = [torch.is_tensor(a) and a.requires_grad for a in args]
         ctx.args = [_to_host(a) if torch.is_tensor(a) else a for a in args]
         ctx.rng_state = torch.get_rng_state()
         ctx.cuda_rng_state = torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None
@@ -32,7 +32,7 @@ class _OffloadedCheckpoint(torch.autograd.Function):
     def backward(ctx, *grad_outputs):
         inputs = [
             a.to(device, non_blocking=True).requires_grad_(rg) if torch.is_tensor(a) else a
-            for a, device, rg in zip(ctx.args, ctx.devices, ctx.requires_grad)
+            for a, device, rg in zip(ctx.args, ctx.devices, ctx.input_requires_grad)
         ]
         with torch.random.fork_rng(devices=[torch.cuda.current_device()] if ctx.cuda_rng_state is not None else []):
             torch.set_rng_state(ctx.rng_state)  # dropout masks replay exactly
@@ -44,7 +44,10 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if torch.is_tensor(o) and o.requires_grad]
         if pairs:
             torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
-        return (None, *[a.grad if torch.is_tensor(a) and rg else None for a, rg in zip(inputs, ctx.requires_grad)])
+        return (
+            None,
+            *[a.grad if torch.is_tensor(a) and rg else None for a, rg in zip(inputs, ctx.input_requires_grad)],
+        )
 
 
 def _to_host(tensor: torch.Tensor) -> torch.Tensor:
