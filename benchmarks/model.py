@@ -1,0 +1,409 @@
+"""One 4-bit training step per family: optimized vs reference vs plain transformers, side by side.
+
+For each family a random-weight checkpoint with the real widths of a representative model
+(Qwen2-VL-2B, Qwen2.5-VL-3B, Llava-1.5-7B, Pixtral-12B, Gemma3-4B) and the same cut layer count for
+every contender, loaded in 4-bit (language-model linears NF4, the rest 16-bit: the same placement for
+all three, so only attention and patches differ). A step is forward + backward with the base frozen
+and input gradients on, on 4 samples of one image plus text, about 2,000 tokens each. Step time is
+the median of >= 10 timed steps after warm-up; memory is the peak allocated during them.
+
+    python benchmarks/model.py                 # on the GPU: writes benchmarks/results/model-<card>.{json,md}
+    python benchmarks/model.py --smoke         # CPU plumbing check: 1 layer, short text, 1 step
+
+Tokens, images and processors come from the tiny zoo checkpoint of the family (its tokenizer and chat
+template), with the image processor set to the real model's image size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import gc
+import json
+import pathlib
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+import transformers
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from conformance import inputs as zoo_inputs  # noqa: E402
+from conformance import zoo  # noqa: E402
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchFamily:
+    representative: str
+    text: dict  # text_config fields of the representative model
+    vision: dict  # vision_config fields
+    top: dict  # top-level config fields
+    image_size: tuple[int, int]  # (width, height) fed to the processor
+    processor: dict  # image-processor / processor fields for that image size
+
+
+VISION_LAYERS, TEXT_LAYERS = 8, 6  # Gemma3's 5 sliding : 1 full, and Qwen2.5-VL's 1 full block in 8
+
+FAMILIES = {
+    "qwen2_vl": BenchFamily(
+        "Qwen2-VL-2B",
+        dict(
+            hidden_size=1536,
+            intermediate_size=8960,
+            num_attention_heads=12,
+            num_key_value_heads=2,
+            vocab_size=151936,
+            mrope_section=[16, 24, 24],
+        ),
+        dict(embed_dim=1280, hidden_size=1536, num_heads=16, mlp_ratio=4, patch_size=14, spatial_merge_size=2),
+        {},
+        (448, 448),
+        dict(pixels=448 * 448),
+    ),
+    "qwen2_5_vl": BenchFamily(
+        "Qwen2.5-VL-3B",
+        dict(
+            hidden_size=2048,
+            intermediate_size=11008,
+            num_attention_heads=16,
+            num_key_value_heads=2,
+            vocab_size=151936,
+            mrope_section=[16, 24, 24],
+        ),
+        dict(
+            hidden_size=1280,
+            out_hidden_size=2048,
+            intermediate_size=3420,
+            num_heads=16,
+            patch_size=14,
+            spatial_merge_size=2,
+            window_size=112,
+            fullatt_block_indexes=[VISION_LAYERS - 1],
+        ),
+        {},
+        (448, 448),
+        dict(pixels=448 * 448),
+    ),
+    "llava": BenchFamily(
+        "Llava-1.5-7B",
+        dict(
+            hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32, vocab_size=32064
+        ),
+        dict(
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_attention_heads=16,
+            image_size=336,
+            patch_size=14,
+            projection_dim=768,
+        ),
+        dict(image_seq_length=576),
+        (336, 336),
+        dict(shortest_edge=336, patch_size=14),
+    ),
+    "pixtral": BenchFamily(
+        "Pixtral-12B",
+        dict(
+            hidden_size=5120,
+            intermediate_size=14336,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            head_dim=128,
+            vocab_size=131072,
+        ),
+        dict(
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_attention_heads=16,
+            head_dim=64,
+            image_size=1024,
+            patch_size=16,
+        ),
+        {},
+        (512, 512),
+        dict(longest_edge=512, patch_size=16),
+    ),
+    "gemma3": BenchFamily(
+        "Gemma3-4B",
+        dict(
+            hidden_size=2560,
+            intermediate_size=10240,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            head_dim=256,
+            query_pre_attn_scalar=256,
+            sliding_window=1024,
+            vocab_size=262208,
+            layer_types=["sliding_attention"] * 5 + ["full_attention"],
+        ),
+        dict(hidden_size=1152, intermediate_size=4304, num_attention_heads=16, image_size=896, patch_size=14),
+        dict(mm_tokens_per_image=256),
+        (896, 896),
+        dict(height=896, width=896, image_seq_length=256),
+    ),
+}
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+def real_config(family: str, text_layers: int, vision_layers: int):
+    """The zoo config (right class, token ids that match the zoo tokenizer) at the real widths."""
+    bench = FAMILIES[family]
+    config = AutoConfig.from_pretrained(zoo.checkpoint(family))
+    text = {k: v for k, v in bench.text.items() if k != "mrope_section"}
+    config.text_config.update({**text, "num_hidden_layers": text_layers})
+    if getattr(config.text_config, "layer_types", None) is not None:  # one entry per layer, validated on load
+        layer_types = text.get("layer_types") or [config.text_config.layer_types[0]] * TEXT_LAYERS
+        config.text_config.layer_types = layer_types[-text_layers:]
+    if "head_dim" not in text:
+        config.text_config.head_dim = text["hidden_size"] // text["num_attention_heads"]
+    if "mrope_section" in bench.text:
+        config.text_config.rope_parameters = {
+            **config.text_config.rope_parameters,
+            "mrope_section": bench.text["mrope_section"],
+        }
+    depth_key = "depth" if family.startswith("qwen") else "num_hidden_layers"
+    config.vision_config.update({**bench.vision, depth_key: vision_layers})
+    for key, value in bench.top.items():
+        setattr(config, key, value)
+    return config
+
+
+def real_processor(family: str):
+    """The zoo processor with the image processor at the representative model's image size."""
+    processor = AutoProcessor.from_pretrained(zoo.checkpoint(family))
+    processor.tokenizer.model_max_length = 1 << 20  # the zoo tokenizer's 1024 would warn at 2,000 tokens
+    fields, image_processor = FAMILIES[family].processor, processor.image_processor
+    if family.startswith("qwen"):
+        image_processor.size = {"shortest_edge": fields["pixels"], "longest_edge": fields["pixels"]}
+        image_processor.min_pixels = image_processor.max_pixels = fields["pixels"]
+    elif family == "llava":
+        image_processor.size = {"shortest_edge": fields["shortest_edge"]}
+        image_processor.crop_size = {"height": fields["shortest_edge"], "width": fields["shortest_edge"]}
+        processor.patch_size = fields["patch_size"]
+    elif family == "pixtral":
+        image_processor.size = {"longest_edge": fields["longest_edge"]}
+        image_processor.patch_size = processor.patch_size = fields["patch_size"]
+    elif family == "gemma3":
+        image_processor.size = {"height": fields["height"], "width": fields["width"]}
+        processor = type(processor)(
+            image_processor=image_processor,
+            tokenizer=processor.tokenizer,
+            chat_template=processor.chat_template,
+            image_seq_length=fields["image_seq_length"],
+        )
+    return processor
+
+
+def build_checkpoint(family: str, out_dir: pathlib.Path, text_layers: int, vision_layers: int) -> pathlib.Path:
+    config = real_config(family, text_layers, vision_layers)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+            model = AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(out_dir)
+    real_processor(family).save_pretrained(out_dir)
+    del model
+    _free()
+    return out_dir
+
+
+# ------------------------------------------------------------------------------------------ inputs
+def step_inputs(processor, family: str, batch: int, tokens: int):
+    """`batch` identical-length samples of one image plus filler text, about `tokens` tokens each."""
+    image = zoo.sample_image(0, FAMILIES[family].image_size)
+    words = 8
+    while True:
+        prompt = " ".join(["colour shape light"] * words)
+        sample = processor(text=zoo_inputs.chat_texts(processor, [prompt]), images=[[image]], return_tensors="pt")
+        length = sample["input_ids"].shape[1]
+        if length >= tokens or words > 20000:
+            break
+        words = max(words + 1, int(words * tokens / max(length, 1)))
+    texts = zoo_inputs.chat_texts(processor, [prompt] * batch)
+    return processor(text=texts, images=[[image]] * batch, return_tensors="pt", padding=True)
+
+
+# ------------------------------------------------------------------------------------------ contenders
+def skip_modules(model_dir) -> list[str]:
+    """The 16-bit parts, named as fastvision names them, so the plain contender has the same placement."""
+    from reference.families import family_of
+    from reference.quantization import skip_modules as fastvision_skip
+
+    return fastvision_skip(family_of(AutoConfig.from_pretrained(model_dir)), quantize_vision=False)
+
+
+def load_contender(name: str, model_dir: pathlib.Path, dtype: torch.dtype):
+    if name == "transformers":
+        config = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+            llm_int8_skip_modules=skip_modules(model_dir),
+        )
+        model = AutoModelForImageTextToText.from_pretrained(
+            model_dir, quantization_config=config, dtype=dtype, device_map=_device()
+        )
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+        model.enable_input_require_grads()
+        return model
+    backend = __import__(name)
+    model, _ = backend.FastVisionModel.from_pretrained(
+        str(model_dir), load_in_4bit=True, dtype=dtype, use_gradient_checkpointing=False, max_seq_length=4096
+    )
+    model.enable_input_require_grads()
+    return model
+
+
+def time_steps(model, batch, warmup: int, steps: int) -> tuple[float, float]:
+    """(median step ms, peak GiB) of forward+backward with labels = input ids."""
+    batch = batch.to(_device())
+    model.train()
+
+    def step():
+        out = model(**batch, labels=batch["input_ids"])
+        out.loss.backward()
+
+    for _ in range(warmup):
+        step()
+    _sync()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        _sync()
+        times.append((time.perf_counter() - start) * 1000)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
+    return statistics.median(times), peak
+
+
+# ------------------------------------------------------------------------------------------ plumbing
+def _device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _free() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def versions() -> dict:
+    import bitsandbytes
+    import triton
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "triton": triton.__version__,
+        "bitsandbytes": bitsandbytes.__version__,
+        "cuda": torch.version.cuda,
+    }
+
+
+def card() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def run(args) -> dict:
+    rows = []
+    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    for family in args.families:
+        with tempfile.TemporaryDirectory() as tmp:
+            model_dir = build_checkpoint(family, pathlib.Path(tmp), args.text_layers, args.vision_layers)
+            batch = step_inputs(AutoProcessor.from_pretrained(model_dir), family, args.batch, args.tokens)
+            for contender in args.contenders:
+                model = load_contender(contender, model_dir, dtype)
+                step_ms, peak = time_steps(model, batch, args.warmup, args.steps)
+                rows.append(
+                    {
+                        "family": family,
+                        "contender": contender,
+                        "step_ms": round(step_ms, 2),
+                        "peak_gib": round(peak, 3),
+                        "tokens": int(batch["input_ids"].numel()),
+                    }
+                )
+                print(json.dumps(rows[-1]), flush=True)
+                del model
+                _free()
+    return {
+        "device": card(),
+        "versions": versions(),
+        "date": datetime.date.today().isoformat(),
+        "rows": rows,
+        "setup": {
+            "batch": args.batch,
+            "tokens_per_sample": args.tokens,
+            "text_layers": args.text_layers,
+            "vision_layers": args.vision_layers,
+            "warmup": args.warmup,
+            "steps": args.steps,
+        },
+    }
+
+
+def markdown(result: dict) -> str:
+    lines = [
+        f"# One 4-bit training step per family — {result['device']}, {result['date']}",
+        "",
+        "versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()),
+        f"setup: {result['setup']}",
+        "",
+        "| family | contender | step ms | peak GiB | speed-up vs transformers | memory vs transformers |",
+        "|---|---|---|---|---|---|",
+    ]
+    by_key = {(r["family"], r["contender"]): r for r in result["rows"]}
+    for row in result["rows"]:
+        base = by_key.get((row["family"], "transformers"))
+        speedup = f"{base['step_ms'] / row['step_ms']:.2f}x" if base else "-"
+        memory = f"{row['peak_gib'] / base['peak_gib']:.2f}x" if base and base["peak_gib"] == base["peak_gib"] else "-"
+        lines.append(
+            f"| {row['family']} | {row['contender']} | {row['step_ms']} | {row['peak_gib']} | {speedup} | {memory} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
+    parser.add_argument("--contenders", nargs="+", default=["optimized", "reference", "transformers"])
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--tokens", type=int, default=2000)
+    parser.add_argument("--text-layers", type=int, default=TEXT_LAYERS)
+    parser.add_argument("--vision-layers", type=int, default=VISION_LAYERS)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--smoke", action="store_true", help="CPU plumbing check: 1 layer, short text, 1 step")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.text_layers, args.vision_layers, args.batch, args.tokens, args.warmup, args.steps = 1, 1, 1, 16, 0, 1
+    result = run(args)
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = "model-" + ("smoke" if args.smoke else card().replace(" ", "_"))
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    (out / f"{stem}.md").write_text(markdown(result))
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
