@@ -49,6 +49,11 @@ def kernel_serves(q: torch.Tensor, spec: reference_attention.AttentionSpec) -> b
 
 def attention(q, k, v, spec):
     """The optimized backend's attention op: same signature as `reference.ops.attention.attention`."""
-    if kernel_serves(q, spec):
-        return _kernel_module().attention(q, k, v, spec)
-    return reference_attention.attention(q, k, v, spec)
+    if not kernel_serves(q, spec):
+        return reference_attention.attention(q, k, v, spec)
+    if q.dtype == torch.bfloat16 and not q.is_cuda:
+        # Triton's interpreter computes tl.dot through numpy, which has no bf16: bf16 operands come back as
+        # garbage (errors ~1e9). On the CPU the kernel therefore runs on fp32 copies; the GPU runs bf16.
+        out = _kernel_module().attention(q.float(), k.float(), v.float(), spec)
+        return out.to(torch.bfloat16)
+    return _kernel_module().attention(q, k, v, spec)

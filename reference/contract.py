@@ -30,12 +30,10 @@ DTYPES = {torch.float16: torch.float16, torch.bfloat16: torch.bfloat16, torch.fl
 DTYPE_NAMES = {
     "float16": torch.float16,
     "fp16": torch.float16,
-    "half": torch.float16,
     "bfloat16": torch.bfloat16,
     "bf16": torch.bfloat16,
     "float32": torch.float32,
     "fp32": torch.float32,
-    "float": torch.float32,
 }
 DEVICE_MAP_NAMES = ("sequential", "auto", "balanced", "balanced_low_0", "cpu")
 # Below this many tokens the CPU round trip of "unsloth" checkpointing costs more than the memory it

@@ -20,7 +20,7 @@ from accelerate import init_empty_weights
 from transformers import AutoConfig, BitsAndBytesConfig
 
 from reference import naming, quantization, training
-from reference.contract import LoadRequest
+from reference.contract import LoadRequest, _mode_of_quantization_config
 from reference.errors import (
     ArgumentTypeError,
     ArgumentValueError,
@@ -95,8 +95,9 @@ def _prepare(request: LoadRequest) -> _Prepared:
     quant_config, source = _quantization_config(request, config, dtype)
     expected = None
     if source == "fastvision":
-        with init_empty_weights():
-            skeleton = request.auto_model.from_config(config)
+        with init_empty_weights(), torch.random.fork_rng(devices=[]):  # the skeleton's init draws: not the caller's RNG
+            build = getattr(request.auto_model, "from_config", None) or request.auto_model._from_config
+            skeleton = build(config)  # auto classes have from_config; model classes _from_config
         expected = quantization.expected_plan(skeleton, family, request.mode, dtype, request.quantize_vision)
     device_map = request.device_map if on_gpu else "cpu"
     return _Prepared(request, resolved, config, family, dtype, device_map, quant_config, source, expected)
@@ -204,7 +205,10 @@ def _rejected_keyword(error: TypeError, kwargs: dict) -> str | None:
 # ---------------------------------------------------------------------------- after the weights
 def _finish(model, prepared: _Prepared, backend: Backend) -> None:
     request, family = prepared.request, prepared.family
-    plan = quantization.observed_plan(model, family, request.mode, prepared.plan_source)
+    mode = request.mode
+    if prepared.plan_source == "checkpoint quantization_config":  # the checkpoint's quantization won
+        mode = _mode_of_quantization_config(prepared.config.quantization_config)
+    plan = quantization.observed_plan(model, family, mode, prepared.plan_source)
     if prepared.expected_plan is not None:
         _check_plan(prepared.expected_plan, plan)
         plan = prepared.expected_plan

@@ -25,6 +25,7 @@ def fix_processor(processor):
     token where the checkpoint has none; the tokenizer's chat template carried onto the processor."""
     tokenizer = getattr(processor, "tokenizer", processor)
     tokenizer.padding_side = "left"
+    tokenizer.init_kwargs["padding_side"] = "left"  # saved with the tokenizer, so a reloaded one pads left too
     if hasattr(processor, "padding_side") or processor is not tokenizer:
         processor.padding_side = "left"
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:

@@ -106,9 +106,11 @@ def attention(
     if use_sdpa and spec.softcap is None:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=spec.resolved_scale(q.shape[-1]))
     else:
-        scores = _scores(q, k, spec).masked_fill(~mask, float("-inf"))
-        # Softmax in fp32 as transformers' eager path does; a fully masked row gives NaN here, zeroed below.
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        # finfo.min, not -inf: a fully masked row then softmaxes to a finite uniform row (zeroed here and
+        # below) instead of NaN, whose backward would put NaN into dq, dk and dv (0 * NaN = NaN).
+        scores = _scores(q, k, spec).masked_fill(~mask, torch.finfo(q.dtype).min)
+        # Softmax in fp32 as transformers' eager path does.
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).masked_fill(~mask, 0.0).to(q.dtype)
         out = torch.matmul(probs, v)
     # Rows with no key to attend to: 0, never NaN or a uniform average (SDPA and eager differ here).
     return out.masked_fill(~mask.any(dim=-1, keepdim=True), 0.0)
