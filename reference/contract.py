@@ -148,7 +148,7 @@ class LoadRequest:
             return torch.bfloat16 if gpu_has_bf16 else torch.float16
         dtype = DTYPE_NAMES[self.dtype] if isinstance(self.dtype, str) else self.dtype
         if dtype == torch.bfloat16 and on_gpu and not gpu_has_bf16:
-            warnings.warn("dtype=bfloat16 was asked but this GPU has no bf16 support; using float16.", stacklevel=3)
+            warnings.warn("dtype=bfloat16 was asked but this GPU has no bf16 support; using float16.", stacklevel=5)
             return torch.float16
         return dtype
 
@@ -300,7 +300,7 @@ def _check_combinations(r: LoadRequest) -> None:
     if r.full_finetuning and (r.load_in_4bit or r.load_in_8bit):
         warnings.warn(
             f"full_finetuning=True clears {' and '.join(chosen)}: every parameter is trained in 16/32-bit.",
-            stacklevel=4,
+            stacklevel=5,
         )
     if r.fast_inference and r.full_finetuning:
         raise UnsupportedCombinationError(

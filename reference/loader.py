@@ -90,6 +90,7 @@ def _prepare(request: LoadRequest) -> _Prepared:
         )
     family = family_of(config)
     _check_fast_inference(request, family)
+    _check_device_available(request.device_map)
     on_gpu = _on_gpu(request.device_map)
     dtype = request.resolve_dtype(on_gpu, on_gpu and torch.cuda.is_bf16_supported())
     quant_config, source = _quantization_config(request, config, dtype)
@@ -101,6 +102,15 @@ def _prepare(request: LoadRequest) -> _Prepared:
         expected = quantization.expected_plan(skeleton, family, request.mode, dtype, request.quantize_vision)
     device_map = request.device_map if on_gpu else "cpu"
     return _Prepared(request, resolved, config, family, dtype, device_map, quant_config, source, expected)
+
+
+def _check_device_available(device_map) -> None:
+    """A device map that names a GPU on a machine without one is an error, not a silent CPU load."""
+    targets = device_map.values() if isinstance(device_map, dict) else [device_map]
+    if not torch.cuda.is_available() and any(str(t).startswith("cuda") or isinstance(t, int) for t in targets):
+        raise ArgumentValueError(
+            "device_map", device_map, "'cpu', 'sequential', 'auto' or 'balanced' on a machine without a CUDA GPU"
+        )
 
 
 def _on_gpu(device_map) -> bool:

@@ -81,7 +81,7 @@ def resolve(model_name, *, load_in_4bit: bool, token=None, hub_kwargs: dict | No
         warnings.warn(
             f"model_name={requested!r} was remapped to {name!r}, so revision= is dropped: it names a commit of "
             "the original repository, not of its twin.",
-            stacklevel=3,
+            stacklevel=5,
         )
     path, source = _snapshot(name, token=token, **hub_kwargs)
     return ResolvedName(requested, name, path, name != requested, source)

@@ -115,7 +115,7 @@ def offload_embedding(model: nn.Module, tied: bool) -> bool:
         warnings.warn(
             "offload_embedding=True is refused: this model's input embedding is tied to lm_head, so it stays on "
             "the device.",
-            stacklevel=4,
+            stacklevel=5,
         )
         return False
     embedding = model.get_input_embeddings()

@@ -1,0 +1,142 @@
+"""The suite's own knowledge of each family: where its parts live in a loaded model, what it is called.
+
+Written from transformers 5's `...ForConditionalGeneration` classes and CONTRACT.md, independently of
+every backend (the suite never reads a backend's family records: a backend whose records were wrong
+would otherwise agree with itself). Module paths are the in-memory ones (`model.language_model`, not the
+on-disk `language_model.model` whose rename broke Unsloth's skip list, unslothai/unsloth#4208).
+
+    >>> from conformance.families import FAMILIES, part_of
+    >>> part_of("model.visual.merger.mlp.0", FAMILIES["qwen2_vl"])
+    'projector'
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from torch import nn
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    name: str  # the zoo's name, the `family(name)` marker, the CLI's --family
+    model_type: str  # config.model_type
+    vision_model_type: str  # config.vision_config.model_type (tells Pixtral from Llava)
+    model_class: str  # the transformers class a load must return
+    processor_class: str  # the processor class AutoProcessor gives for the checkpoint
+    vision_tower: str  # module path of the vision encoder
+    projector: str  # module path of the projector / merger (inside the tower for Qwen)
+    vision_layers: str  # module path of the vision tower's layer list
+    text_attention_class: str  # attention module class of the language model
+    vision_attention_class: str  # attention module class of the vision tower
+    language_model: str = "model.language_model"
+    text_layers: str = "model.language_model.layers"
+    embed_tokens: str = "model.language_model.embed_tokens"
+    lm_head: str = "lm_head"
+    tied_embeddings: bool = False  # lm_head shares the input embedding's weight (offload is refused)
+    fast_inference: bool = False  # CONTRACT.md: fast_inference is allowed for Qwen2.5-VL and Gemma3 only
+
+
+FAMILIES: dict[str, Family] = {
+    f.name: f
+    for f in (
+        Family(
+            name="qwen2_vl",
+            model_type="qwen2_vl",
+            vision_model_type="qwen2_vl_vision",
+            model_class="Qwen2VLForConditionalGeneration",
+            processor_class="Qwen2VLProcessor",
+            vision_tower="model.visual",
+            projector="model.visual.merger",
+            vision_layers="model.visual.blocks",
+            text_attention_class="Qwen2VLAttention",
+            vision_attention_class="VisionAttention",
+        ),
+        Family(
+            name="qwen2_5_vl",
+            model_type="qwen2_5_vl",
+            vision_model_type="qwen2_5_vl_vision",
+            model_class="Qwen2_5_VLForConditionalGeneration",
+            processor_class="Qwen2_5_VLProcessor",
+            vision_tower="model.visual",
+            projector="model.visual.merger",
+            vision_layers="model.visual.blocks",
+            text_attention_class="Qwen2_5_VLAttention",
+            vision_attention_class="Qwen2_5_VLVisionAttention",
+            fast_inference=True,
+        ),
+        Family(
+            name="llava",
+            model_type="llava",
+            vision_model_type="clip_vision_model",
+            model_class="LlavaForConditionalGeneration",
+            processor_class="LlavaProcessor",
+            vision_tower="model.vision_tower",
+            projector="model.multi_modal_projector",
+            vision_layers="model.vision_tower.encoder.layers",
+            text_attention_class="LlamaAttention",
+            vision_attention_class="CLIPAttention",
+        ),
+        Family(
+            name="pixtral",
+            model_type="llava",
+            vision_model_type="pixtral",
+            model_class="LlavaForConditionalGeneration",
+            processor_class="PixtralProcessor",
+            vision_tower="model.vision_tower",
+            projector="model.multi_modal_projector",
+            vision_layers="model.vision_tower.transformer.layers",
+            text_attention_class="MistralAttention",
+            vision_attention_class="PixtralAttention",
+        ),
+        Family(
+            name="gemma3",
+            model_type="gemma3",
+            vision_model_type="siglip_vision_model",
+            model_class="Gemma3ForConditionalGeneration",
+            processor_class="Gemma3Processor",
+            vision_tower="model.vision_tower",
+            projector="model.multi_modal_projector",
+            vision_layers="model.vision_tower.encoder.layers",
+            text_attention_class="Gemma3Attention",
+            vision_attention_class="SiglipAttention",
+            tied_embeddings=True,
+            fast_inference=True,
+        ),
+    )
+}
+NAMES: tuple[str, ...] = tuple(FAMILIES)
+
+
+def params(names=NAMES) -> list:
+    """`pytest.param(name, id=name, marks=family(name))` for each family: parametrize with this so the
+    runner's table and `-m`/`-k` selections see the family."""
+    return [pytest.param(name, id=name, marks=pytest.mark.family(name)) for name in names]
+
+
+def _under(name: str, root: str) -> bool:
+    return name == root or name.startswith(root + ".")
+
+
+def part_of(module_name: str, family: Family) -> str:
+    """"projector", "vision tower", "lm_head", "embedding", "language model" or "other"."""
+    if _under(module_name, family.projector):  # first: Qwen's merger sits inside the vision tower
+        return "projector"
+    if _under(module_name, family.vision_tower):
+        return "vision tower"
+    if _under(module_name, family.lm_head):
+        return "lm_head"
+    if _under(module_name, family.embed_tokens):
+        return "embedding"
+    if _under(module_name, family.language_model):
+        return "language model"
+    return "other"
+
+
+def language_model(model: nn.Module, family: Family) -> nn.Module:
+    return model.get_submodule(family.language_model)
+
+
+def input_embedding(model: nn.Module, family: Family) -> nn.Module:
+    return model.get_submodule(family.embed_tokens)

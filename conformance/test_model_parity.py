@@ -1,0 +1,136 @@
+"""Whole-model parity: the backend's model against transformers' own eager model, same tiny checkpoint.
+
+Per family and input (one prompt with an image; a left-padded batch of two; a batch whose long prompt
+runs past Gemma3's sliding window), on valid tokens only (padded positions are undefined):
+  - 16-bit: logits within `tolerances.MODEL_LOGITS_ATOL`, and the gradient of a next-token
+    cross-entropy with respect to the language model's input embeddings (captured where the embedding
+    module returns them, so image features and everything after are on the path) within
+    `tolerances.model_grads_bound`;
+  - 4-bit: the backend's NF4 logits against the eager 16-bit model's by signal-to-noise ratio,
+    at least `tolerances.nf4_logits_min_sqnr_db(family)`.
+The reference is `AutoModelForImageTextToText.from_pretrained(path, attn_implementation="eager")`:
+transformers' plain matmul-softmax attention, no backend code on its path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoConfig, AutoModelForImageTextToText
+
+from conformance import checks, families, inputs, tolerances, zoo
+
+# Three prompts of different lengths; the long one (~3x the longest of inputs.PROMPTS) keeps every
+# family's batch well past Gemma3's sliding window and left-pads its partner by dozens of tokens.
+LONG_PROMPT = " ".join(inputs.PROMPTS[1] for _ in range(3))
+INPUTS = {
+    "one_prompt": inputs.PROMPTS[:1],
+    "left_padded_batch": inputs.PROMPTS,
+    "past_sliding_window": (inputs.PROMPTS[0], LONG_PROMPT),
+}
+
+
+@functools.cache
+def _backend_model(backend, family: str, device: str, mode: str):
+    kwargs = {"load_in_4bit": True} if mode == "4bit" else {"load_in_4bit": False, "load_in_16bit": True}
+    return backend.FastVisionModel.from_pretrained(str(zoo.checkpoint(family)), device_map=device, **kwargs)
+
+
+@functools.cache
+def _eager_model(family: str, device: str, dtype: torch.dtype):
+    model = AutoModelForImageTextToText.from_pretrained(zoo.checkpoint(family), attn_implementation="eager",
+                                                        dtype=dtype)  # fmt: skip
+    return model.to(device).eval().requires_grad_(False)  # only the input embeddings need a gradient
+
+
+def _batch(processor, family: str, name: str, device: str):
+    batch = inputs.image_batch(processor, INPUTS[name]).to(device)
+    valid = batch["attention_mask"].bool()
+    if name == "past_sliding_window":
+        window = getattr(_text_config(family), "sliding_window", None)
+        if window is not None and not bool((valid.sum(dim=1) > window).all()):
+            raise RuntimeError(f"suite bug: {family}'s '{name}' batch does not pass its sliding window {window}")
+    return batch, valid
+
+
+def _text_config(family: str):
+    config = AutoConfig.from_pretrained(zoo.checkpoint(family))
+    return getattr(config, "text_config", config)
+
+
+@contextlib.contextmanager
+def _capturing_input_embeddings(model, family: str):
+    """Make the language model's input embeddings a leaf that requires grad, and keep it."""
+    captured = []
+
+    def hook(_module, _args, output):
+        leaf = output.detach().requires_grad_(True)
+        captured.append(leaf)
+        return leaf
+
+    handle = families.input_embedding(model, families.FAMILIES[family]).register_forward_hook(hook)
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+def _logits_and_grads(model, family: str, batch, valid: torch.Tensor, *, repro: str):
+    """(logits, d loss / d input embeddings) for the mean next-token cross-entropy on valid pairs."""
+    with _capturing_input_embeddings(model, family) as captured:
+        logits = model(**batch).logits
+    pairs = valid[:, 1:] & valid[:, :-1]
+    loss = F.cross_entropy(logits[:, :-1][pairs].float(), batch["input_ids"][:, 1:][pairs])
+    loss.backward()
+    checks.check(len(captured) == 1, f"{family}: the input embedding ran {len(captured)} times in one forward",
+                 repro=repro)  # fmt: skip
+    return logits.detach(), captured[0].grad
+
+
+def _repro(family: str, name: str, device: str, **kwargs) -> str:
+    load = checks.call(checks.zoo_path(family), device_map=device, **kwargs)
+    return f"model, processor = {load}; model(**inputs.image_batch(processor, {INPUTS[name]!r}))"
+
+
+@pytest.mark.parametrize("name", list(INPUTS))
+@pytest.mark.parametrize("family", families.params())
+def test_16bit_logits_and_grads_match_transformers_eager(backend, device, family, name):
+    repro = _repro(family, name, device, load_in_4bit=False, load_in_16bit=True)
+    with checks.reproducing(repro):
+        model, processor = _backend_model(backend, family, device, "16bit")
+    dtype = model.get_input_embeddings().weight.dtype
+    eager = _eager_model(family, device, dtype)
+    batch, valid = _batch(processor, family, name, device)
+    got_logits, got_grads = _logits_and_grads(model, family, batch, valid, repro=repro)
+    want_logits, want_grads = _logits_and_grads(eager, family, batch, valid, repro=repro)
+    what = f"{family} {name} ({tuple(batch['input_ids'].shape)} tokens, {dtype})"
+    err = (got_logits[valid].double() - want_logits[valid].double()).abs().max().item()
+    bound = tolerances.MODEL_LOGITS_ATOL[dtype]
+    checks.check(err <= bound, f"{what}: logits differ from transformers' eager model by {err:.3g} > {bound:.3g} "
+                 "on valid tokens", repro=repro)  # fmt: skip
+    checks.check(got_grads is not None, f"{what}: no gradient reached the input embeddings", repro=repro)
+    err = (got_grads[valid].double() - want_grads[valid].double()).abs().max().item()
+    bound = tolerances.model_grads_bound(want_grads[valid], dtype)
+    checks.check(err <= bound, f"{what}: d(loss)/d(input embeddings) differs from transformers' eager model by "
+                 f"{err:.3g} > {bound:.3g} on valid tokens", repro=repro)  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["one_prompt", "left_padded_batch"])
+@pytest.mark.parametrize("family", families.params())
+def test_4bit_logits_keep_the_signal(backend, device, family, name):
+    repro = _repro(family, name, device, load_in_4bit=True)
+    with checks.reproducing(repro):
+        model, processor = _backend_model(backend, family, device, "4bit")
+    eager = _eager_model(family, device, torch.float32)  # the 16-bit truth, in full precision
+    batch, valid = _batch(processor, family, name, device)
+    with torch.no_grad():
+        got = model(**batch).logits[valid]
+        want = eager(**batch).logits[valid]
+    sqnr = tolerances.sqnr_db(want, got)
+    bound = tolerances.nf4_logits_min_sqnr_db(family)
+    checks.check(sqnr >= bound, f"{family} {name}: 4-bit logits keep {sqnr:.1f} dB of the 16-bit eager model's "
+                 f"signal, below {bound} dB", repro=repro)  # fmt: skip

@@ -1,0 +1,163 @@
+"""Model-name resolution, observed from outside: the name table, local directories, the offline cache,
+and the error for a hub id that is neither local nor cached.
+
+Each test gets its own Hugging Face home under tmp_path holding only the repositories it names (a
+zoo checkpoint under the hub's `models--owner--name/snapshots/<commit>` layout), so which repository
+a load read is told by which one exists: a load that succeeds read the only one there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import huggingface_hub
+import pytest
+
+from conformance import checks, zoo
+from conformance.families import FAMILIES, params
+
+# 16-bit id -> its pre-quantized twin, one pair per family: the name table CONTRACT.md describes
+# (Unsloth's mapper holds the same pairs).
+TWINS = {
+    "qwen2_vl": ("unsloth/Qwen2-VL-2B-Instruct", "unsloth/Qwen2-VL-2B-Instruct-bnb-4bit"),
+    "qwen2_5_vl": ("unsloth/Qwen2.5-VL-3B-Instruct", "unsloth/Qwen2.5-VL-3B-Instruct-bnb-4bit"),
+    "llava": ("unsloth/llava-1.5-7b-hf", "unsloth/llava-1.5-7b-hf-bnb-4bit"),
+    "pixtral": ("unsloth/Pixtral-12B-2409", "unsloth/Pixtral-12B-2409-bnb-4bit"),
+    "gemma3": ("unsloth/gemma-3-4b-it", "unsloth/gemma-3-4b-it-bnb-4bit"),
+}
+UNKNOWN_ID = "fastvision-conformance/tiny-llava"  # in no name table
+UNCACHED_ID = "fastvision-conformance/never-cached"
+# A hang guard, not a performance bound: an uncached id offline must fail at once (a lookup in the local
+# cache takes milliseconds), while one HTTP attempt waits 10 s by default and retries multiply that.
+OFFLINE_ERROR_WITHIN_S = 8.0
+# What to do, in the error's words: at least one of these remedies must be named.
+REMEDIES = ("download", "HF_HOME", "local director")
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    return checks.use_hub_cache(tmp_path / "hf_home", monkeypatch)
+
+
+def load_id(backend, family: str, model_id: str, **kwargs):
+    repro = f"{checks.call(model_id, **kwargs)}  # cache holds a {family} checkpoint"
+    with checks.reproducing(repro):
+        model, _ = backend.FastVisionModel.from_pretrained(model_id, **kwargs)
+    checks.check_equal(type(model).__name__, FAMILIES[family].model_class, "model class", repro=repro)
+    return model, repro
+
+
+@pytest.mark.parametrize("family", params())
+def test_4bit_load_of_a_16bit_id_reads_its_4bit_twin(backend, hub_cache, family):
+    sixteen, four = TWINS[family]
+    hub_cache.add(four, zoo.checkpoint(family))
+    load_id(backend, family, sixteen, load_in_4bit=True)
+
+
+@pytest.mark.parametrize("family", params())
+def test_16bit_load_of_a_4bit_id_reads_its_16bit_twin(backend, hub_cache, family):
+    sixteen, four = TWINS[family]
+    hub_cache.add(sixteen, zoo.checkpoint(family))
+    load_id(backend, family, four, load_in_4bit=False)
+
+
+def test_a_remap_drops_revision_with_a_warning(backend, hub_cache):
+    # The revision names a commit of the original repository: passed on to the twin, the offline lookup
+    # of that commit would fail, so the load succeeding shows it was dropped.
+    sixteen, four = TWINS["llava"]
+    hub_cache.add(four, zoo.checkpoint("llava"))
+    with checks.recording_warnings() as recorded:
+        _, repro = load_id(backend, "llava", sixteen, load_in_4bit=True, revision="0123456789abcdef")
+    checks.check_warned(recorded, "revision", repro=repro)
+
+
+def test_a_remapped_id_does_not_fall_back_to_the_original(backend, hub_cache):
+    sixteen, four = TWINS["llava"]
+    hub_cache.add(sixteen, zoo.checkpoint("llava"))  # only the original: the table says to read the twin
+    repro = f"{checks.call(sixteen, load_in_4bit=True)}  # cache holds only {sixteen}"
+    checks.expect_offline_error(lambda: backend.FastVisionModel.from_pretrained(sixteen, load_in_4bit=True),
+                                names=(four,), repro=repro)  # fmt: skip
+
+
+@pytest.mark.parametrize("model_id", [UNKNOWN_ID, UNKNOWN_ID + "-bnb-4bit"])
+@pytest.mark.parametrize("load_in_4bit", [True, False], ids=["4bit", "16bit"])
+def test_unknown_ids_pass_through(backend, hub_cache, model_id, load_in_4bit):
+    # No fuzzy matching: an id outside the table, even one ending in -bnb-4bit, is read as given.
+    hub_cache.add(model_id, zoo.checkpoint("llava"))
+    load_id(backend, "llava", model_id, load_in_4bit=load_in_4bit)
+
+
+def test_cache_dir_is_honoured(backend, tmp_path):
+    cache = checks.HubCache(tmp_path / "elsewhere")
+    cache.add(UNKNOWN_ID, zoo.checkpoint("llava"))
+    load_id(backend, "llava", UNKNOWN_ID, load_in_4bit=False, cache_dir=str(cache.hub))
+
+
+def test_a_local_directory_named_like_a_known_id_is_used_as_is(backend, hub_cache, tmp_path, monkeypatch):
+    sixteen, _ = TWINS["qwen2_vl"]
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    shutil.copytree(zoo.checkpoint("qwen2_vl"), sixteen)  # ./unsloth/Qwen2-VL-2B-Instruct; the cache stays empty
+    load_id(backend, "qwen2_vl", sixteen, load_in_4bit=True)
+
+
+def check_offline_error_message(message: str, model_id: str, repro: str) -> None:
+    checks.check(model_id in message, f"OfflineError does not name {model_id!r}: {message!r}", repro=repro)
+    checks.check(any(r in message for r in REMEDIES),
+                 f"OfflineError does not say what to do (none of {REMEDIES}): {message!r}", repro=repro)  # fmt: skip
+
+
+@pytest.mark.parametrize("local_files_only", [False, True], ids=["HF_HUB_OFFLINE", "and local_files_only"])
+def test_an_uncached_id_offline_is_an_offline_error_at_once(backend, hub_cache, monkeypatch, local_files_only):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    kwargs = {"local_files_only": True} if local_files_only else {}
+    repro = f"HF_HUB_OFFLINE=1: {checks.call(UNCACHED_ID, **kwargs)}"
+    start = time.monotonic()
+    seen = checks.expect_offline_error(lambda: backend.FastVisionModel.from_pretrained(UNCACHED_ID, **kwargs),
+                                       repro=repro)  # fmt: skip
+    elapsed = time.monotonic() - start
+    checks.check(elapsed < OFFLINE_ERROR_WITHIN_S, f"OfflineError took {elapsed:.1f} s", repro=repro)
+    check_offline_error_message(seen.message, UNCACHED_ID, repro)
+
+
+# Run in a fresh process: whether the hub is reachable is decided from the environment at import.
+_UNREACHABLE_HUB = r"""
+import importlib, json, sys, time
+backend = importlib.import_module(sys.argv[1])
+start = time.monotonic()
+try:
+    backend.FastVisionModel.from_pretrained(sys.argv[2])
+    seen = {"raised": None}
+except BaseException as error:
+    seen = {"raised": type(error).__name__, "classes": [c.__name__ for c in type(error).__mro__],
+            "message": str(error)}
+seen["elapsed"] = time.monotonic() - start
+print("RESULT " + json.dumps(seen))
+"""
+
+
+def test_an_uncached_id_with_the_hub_unreachable_is_an_offline_error_at_once(backend, tmp_path):
+    # No HF_HUB_OFFLINE: the backend must find out by trying. The endpoint is a closed local port, so
+    # the test is the same on a machine with a network.
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf_home"))
+    env["PYTHONPATH"] = os.pathsep.join(sys.path)  # the backend module imports as it does here
+    env.pop("HF_HUB_CACHE", None)
+    repro = f"HF_ENDPOINT=http://127.0.0.1:9 (no HF_HUB_OFFLINE): {checks.call(UNCACHED_ID)}"
+    done = subprocess.run([sys.executable, "-c", _UNREACHABLE_HUB, backend.__name__, UNCACHED_ID], env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    checks.check(lines, f"the subprocess printed no result (rc {done.returncode}): {done.stderr[-2000:]}", repro=repro)
+    seen = json.loads(lines[-1].removeprefix("RESULT "))
+    checks.check(seen["raised"] is not None, "loading an uncached id with the hub unreachable returned", repro=repro)
+    offline = "OSError" in seen["classes"] and "OfflineError" in seen["classes"]
+    checks.check(offline, f"raised {seen['raised']}: {seen['message']!r}; expected OfflineError (an OSError)",
+                 repro=repro)  # fmt: skip
+    checks.check(seen["elapsed"] < OFFLINE_ERROR_WITHIN_S, f"OfflineError took {seen['elapsed']:.1f} s", repro=repro)
+    check_offline_error_message(seen["message"], UNCACHED_ID, repro)
