@@ -1,0 +1,524 @@
+"""Attention benchmark: the Triton kernel and its peers, side by side in one process on one GPU.
+
+    python benchmarks/attention.py [--out DIR] [--cases a,b] [--sweep] [--jobs N]
+
+For each case and pass (forward; forward + backward) it times, with `triton.testing.do_bench` (median,
+L2 flushed between runs): ours (`optimized.kernels.attention.attention`); PyTorch SDPA with each backend
+pinned (cuDNN, flash, efficient) and its default dispatch; compiled `flex_attention` with the
+equivalent block mask; and the way transformers computes the case today (its `sdpa_attention_forward`,
+with the per-image / per-window Python loops or dense masks the families use). A peer that cannot run
+a case is recorded as null with the reason. Masks and block masks are built outside the timed region,
+as transformers builds them once per forward; the per-image loops' `.tolist()` sync is per layer, so it
+is timed. Inputs are (B, S, H, D) memory viewed as (B, H, S, D), as transformers passes them.
+
+FLOPs count attended pairs only, the same for everyone: 4 * Hq * D per pair forward, 3.5x that for
+forward + backward (FlashAttention's convention: backward = 2.5x forward).
+
+Writes DIR/attention-<card>.json and .md; --sweep first times each kernel alone over candidate tile
+plans (DIR/attention-<card>-sweep.json) and then uses the fastest plan per kernel. Compiling is the slow
+part (~3 s a Triton variant, ~30 s a flex graph), so --jobs N compiles every variant in N worker
+processes first; the timed runs then load them from the on-disk caches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import contextlib
+import dataclasses
+import datetime
+import itertools
+import json
+import math
+import multiprocessing
+import os
+import pathlib
+import platform
+import sys
+import time
+import types
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import triton  # noqa: E402
+from triton.testing import do_bench  # noqa: E402
+
+from optimized.kernels import attention as kernel  # noqa: E402
+from reference.ops.attention import AttentionSpec, build_mask  # noqa: E402
+
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+DTYPE = torch.bfloat16
+BWD_FACTOR = 3.5  # forward + backward, with backward = 2.5 x forward
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    name: str
+    batch: int
+    seq: int
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+    kind: str  # causal | sliding | span | segments
+    family_way: str  # how transformers runs it: sdpa_causal | sdpa_dense_bool | sdpa_dense_float | per_segment
+    window: int | None = None
+    span: tuple[int, int] | None = None  # (start, length) of the bidirectional block
+    segments: tuple[int, ...] = ()
+    minimum: tuple[float, float] = (1.0, 1.0)  # ours / best peer, forward and forward + backward
+    target: float = 1.0
+
+    def spec(self, device) -> AttentionSpec:
+        if self.kind == "causal":
+            return AttentionSpec(causal=True)
+        if self.kind == "sliding":
+            return AttentionSpec(causal=True, window=self.window)
+        if self.kind == "span":
+            ids = torch.full((self.batch, self.seq), -1, dtype=torch.int32, device=device)
+            ids[:, self.span[0]:self.span[0] + self.span[1]] = 0
+            return AttentionSpec(causal=True, span_ids=ids)
+        cu = torch.tensor([0, *itertools.accumulate(self.segments)], dtype=torch.int32, device=device)
+        return AttentionSpec(cu_seqlens=cu)
+
+
+CASES = [
+    Case("text_causal_gqa_d128", 4, 4096, 28, 4, 128, "causal", "sdpa_causal", minimum=(0.85, 0.75)),
+    Case("gemma3_sliding_d256", 1, 8192, 8, 4, 256, "sliding", "sdpa_dense_bool", window=1024, target=1.5),
+    Case("gemma3_image_span_d256", 1, 4096, 8, 4, 256, "span", "sdpa_dense_bool", span=(1024, 256),
+         target=1.3),
+    Case("qwen2vl_vision_varlen_d80", 1, 4096, 16, 16, 80, "segments", "per_segment", segments=(1024,) * 4,
+         target=1.5),
+    Case("pixtral_vision_blockdiag_d64", 1, 4096, 16, 16, 64, "segments", "sdpa_dense_float",
+         segments=(1024,) * 4, target=1.5),
+    Case("qwen25vl_vision_windows_d80", 1, 81 * 64, 16, 16, 80, "segments", "per_segment",
+         segments=(64,) * 81, target=3.0),
+]
+PASSES = ("fwd", "fwd_bwd")
+
+
+# ------------------------------------------------------------------------------------------------
+# Inputs and the peers
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Inputs:
+    case: Case
+    q: torch.Tensor  # (B, Hq, S, D) views of (B, S, Hq, D) leaves
+    k: torch.Tensor
+    v: torch.Tensor
+    leaves: tuple
+    grad: torch.Tensor  # (B, Hq, S, D)
+    spec: AttentionSpec
+    mask: torch.Tensor  # (B, 1, S, S) bool, True = attend (for the dense-mask peers)
+    pairs: int  # attended (query, key) pairs per head, summed over the batch
+
+
+def make_inputs(case: Case, device="cuda", seed=0) -> Inputs:
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def leaf(heads):
+        return torch.randn(case.batch, case.seq, heads, case.head_dim, generator=gen, device=device,
+                           dtype=DTYPE).requires_grad_(True)
+
+    leaves = (leaf(case.q_heads), leaf(case.kv_heads), leaf(case.kv_heads))
+    q, k, v = (t.transpose(1, 2) for t in leaves)
+    spec = case.spec(device)
+    mask = build_mask(spec, case.batch, case.seq, case.seq, device)
+    grad = torch.randn(q.shape, generator=gen, device=device, dtype=DTYPE)
+    return Inputs(case, q, k, v, leaves, grad, spec, mask, int(mask.sum()))
+
+
+def _sdpa(backend):
+    """SDPA as a caller with the structure in hand uses it: is_causal for pure causal, else the mask.
+    GQA goes through enable_gqa; where a backend refuses that, K/V are repeated inside the timed call
+    (transformers' repeat_kv) and the row's notes say so."""
+    from torch.nn.attention import sdpa_kernel
+
+    def call(x: Inputs, q, k, v, gqa):
+        causal = x.case.kind == "causal"
+        with sdpa_kernel([backend]) if backend is not None else contextlib.nullcontext():
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else x.mask,
+                                                  is_causal=causal, enable_gqa=gqa)
+
+    def run(x: Inputs, q, k, v):
+        group = q.shape[1] // k.shape[1]
+        if group > 1 and run.native_gqa:
+            try:
+                return call(x, q, k, v, True)
+            except RuntimeError as exc:
+                run.native_gqa = False
+                run.notes.append(f"enable_gqa refused ({_reason(exc)}); K/V repeated in the timed call")
+        if group > 1:
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        return call(x, q, k, v, False)
+
+    run.native_gqa, run.notes = True, []
+    return run
+
+
+def _flex_mask_mod(x: Inputs):
+    case = x.case
+    if case.kind == "causal":
+        return lambda b, h, qi, ki: qi >= ki
+    if case.kind == "sliding":
+        return lambda b, h, qi, ki: (qi >= ki) & (qi - ki < case.window)
+    if case.kind == "span":
+        ids = x.spec.span_ids
+        return lambda b, h, qi, ki: (qi >= ki) | ((ids[b, qi] == ids[b, ki]) & (ids[b, qi] >= 0))
+    doc = torch.repeat_interleave(torch.arange(len(case.segments), device=x.q.device),
+                                  torch.tensor(case.segments, device=x.q.device))
+    return lambda b, h, qi, ki: doc[qi] == doc[ki]
+
+
+_FLEX = {}
+
+
+def _flex(x: Inputs):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    if "fn" not in _FLEX:
+        # Every case and grad mode is a recompile; past dynamo's default limit of 8, flex would silently
+        # fall back to its unfused eager path and be timed as such.
+        for name, limit in (("recompile_limit", 64), ("cache_size_limit", 64),
+                            ("accumulated_recompile_limit", 512), ("accumulated_cache_size_limit", 512)):
+            if hasattr(torch._dynamo.config, name):
+                setattr(torch._dynamo.config, name, limit)
+        _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
+    block_mask = create_block_mask(_flex_mask_mod(x), x.case.batch if x.case.kind == "span" else None, None,
+                                   x.case.seq, x.case.seq, device=x.q.device)
+    gqa = x.case.q_heads != x.case.kv_heads
+    return lambda x_, q, k, v: _FLEX["fn"](q, k, v, block_mask=block_mask, enable_gqa=gqa)
+
+
+def _transformers(x: Inputs):
+    """transformers 5.x's own attention path for the family (see the notes' section 1)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    case = x.case
+    module = types.SimpleNamespace(num_key_value_groups=case.q_heads // case.kv_heads,
+                                   is_causal=case.kind != "segments", training=False)
+    scale = 1.0 / math.sqrt(case.head_dim)
+    if case.family_way == "sdpa_causal":  # mask None: SDPA's is_causal, GQA through enable_gqa
+        return lambda x_, q, k, v: sdpa_attention_forward(module, q, k, v, None, scaling=scale)[0]
+    if case.family_way == "sdpa_dense_bool":  # Gemma3: create_masks_for_vision_model's bool mask
+        return lambda x_, q, k, v: sdpa_attention_forward(module, q, k, v, x.mask, scaling=scale)[0]
+    if case.family_way == "sdpa_dense_float":  # Pixtral: generate_block_attention_mask, finfo.min off-block
+        additive = torch.zeros(x.mask.shape, dtype=DTYPE, device=x.mask.device)
+        additive.masked_fill_(~x.mask, torch.finfo(DTYPE).min)
+        return lambda x_, q, k, v: sdpa_attention_forward(module, q, k, v, additive, scaling=scale,
+                                                          is_causal=False)[0]
+    cu = x.spec.cu_seqlens
+
+    def per_segment(x_, q, k, v):  # Qwen2-VL / Qwen2.5-VL VisionAttention without a "flash" key
+        lengths = (cu[1:] - cu[:-1]).tolist()
+        splits = [torch.split(t, lengths, dim=2) for t in (q, k, v)]
+        outs = [sdpa_attention_forward(module, qi, ki, vi, None, scaling=scale, is_causal=False)[0]
+                for qi, ki, vi in zip(*splits)]
+        return torch.cat(outs, dim=1)
+    return per_segment
+
+
+def peers(x: Inputs) -> dict:
+    """name -> fn(x, q, k, v) -> out; or name -> Exception when it cannot even be built."""
+    from torch.nn.attention import SDPBackend
+
+    found = {"sdpa_cudnn": _sdpa(SDPBackend.CUDNN_ATTENTION), "sdpa_flash": _sdpa(SDPBackend.FLASH_ATTENTION),
+             "sdpa_efficient": _sdpa(SDPBackend.EFFICIENT_ATTENTION), "sdpa_default": _sdpa(None)}
+    for name, build in (("flex", _flex), ("transformers", _transformers)):
+        try:
+            found[name] = build(x)
+        except Exception as exc:  # recorded as null with its reason
+            found[name] = exc
+    return found
+
+
+def ours(plan=None):
+    def run(x: Inputs, q, k, v):
+        return kernel._AttentionFunction.apply(q, k, v, x.spec, plan)
+    return run
+
+
+# ------------------------------------------------------------------------------------------------
+# Timing
+# ------------------------------------------------------------------------------------------------
+
+
+def _as_bhsd(out, x: Inputs):
+    return out if out.shape == x.q.shape else out.transpose(1, 2)  # transformers returns (B, S, H, D)
+
+
+def _step(fn, x: Inputs, which: str):
+    if which == "fwd":
+        def step():
+            with torch.no_grad():
+                fn(x, x.q, x.k, x.v)
+    else:
+        def step():
+            out = _as_bhsd(fn(x, x.q, x.k, x.v), x)
+            torch.autograd.grad(out, x.leaves, x.grad)
+    return step
+
+
+def time_pass(fn, x: Inputs, which: str) -> float:
+    """Median milliseconds of one pass, host launch latency included (the GPU waits for it)."""
+    step = _step(fn, x, which)
+    step()
+    torch.cuda.synchronize()
+    return do_bench(step, warmup=25, rep=100, return_mode="median")
+
+
+def host_pass(fn, x: Inputs, which: str, repeat: int = 20) -> float:
+    """Mean host milliseconds to issue one pass: Python, autograd and launch overhead alone."""
+    step = _step(fn, x, which)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeat):
+        step()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return elapsed / repeat * 1e3
+
+
+def tflops(x: Inputs, which: str, ms: float) -> float:
+    flops = 4.0 * x.case.q_heads * x.case.head_dim * x.pairs * (1.0 if which == "fwd" else BWD_FACTOR)
+    return flops / (ms * 1e-3) / 1e12
+
+
+def measure_case(x: Inputs, plan) -> list[dict]:
+    ours_fn = ours(plan)
+    with torch.no_grad():
+        reference_out = ours_fn(x, x.q, x.k, x.v)
+    rows = {p: {"case": x.case.name, "pass": p, "peers": {}, "notes": {}, "max_abs_diff_vs_ours": {}}
+            for p in PASSES}
+    for which in PASSES:
+        rows[which]["ours_tflops"] = tflops(x, which, time_pass(ours_fn, x, which))
+        rows[which]["ours_host_ms"] = round(host_pass(ours_fn, x, which), 4)
+    for name, fn in peers(x).items():
+        for which in PASSES:
+            row = rows[which]
+            if isinstance(fn, Exception):
+                row["peers"][name], row["notes"][name] = None, _reason(fn)
+                continue
+            try:
+                if which == "fwd":
+                    with torch.no_grad():
+                        diff = (_as_bhsd(fn(x, x.q, x.k, x.v), x).float() - reference_out.float()).abs().max()
+                    row["max_abs_diff_vs_ours"][name] = round(float(diff), 4)
+                row["peers"][name] = tflops(x, which, time_pass(fn, x, which))
+            except Exception as exc:  # e.g. flash takes no mask, cuDNN no d256 backward
+                row["peers"][name], row["notes"][name] = None, _reason(exc, _why_not(fn, x))
+            if getattr(fn, "notes", None):
+                row["notes"][name] = "; ".join(filter(None, [row["notes"].get(name), *fn.notes]))
+            torch.cuda.empty_cache()
+    for which, row in rows.items():
+        timed = {k: v for k, v in row["peers"].items() if v is not None}
+        row["best_peer"] = max(timed, key=timed.get) if timed else None
+        row["ratio"] = round(row["ours_tflops"] / timed[row["best_peer"]], 3) if timed else None
+        row["minimum"] = x.case.minimum[PASSES.index(which)]
+        row["meets_minimum"] = row["ratio"] is not None and row["ratio"] >= row["minimum"]
+        row["ours_tflops"] = round(row["ours_tflops"], 1)
+        row["peers"] = {k: None if v is None else round(v, 1) for k, v in row["peers"].items()}
+    return list(rows.values())
+
+
+def _reason(exc: Exception, detail: str = "") -> str:
+    text = f"{type(exc).__name__}: {exc}".strip().splitlines()
+    return (" ".join(line.strip() for line in text[:3]) + (f" ({detail})" if detail else ""))[:400]
+
+
+def _why_not(fn, x: Inputs) -> str:
+    """SDPA says why a pinned backend refused ("No available kernel") only in warnings: collect them."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with contextlib.suppress(Exception), torch.no_grad():
+            fn(x, x.q, x.k, x.v)
+    texts = [str(w.message).split(" (Triggered")[0] for w in caught]
+    return "; ".join(dict.fromkeys(t for t in texts if "not used because" not in t))
+
+
+# ------------------------------------------------------------------------------------------------
+# Tile sweep: each kernel alone over candidate plans
+# ------------------------------------------------------------------------------------------------
+
+T = kernel.Tiles
+CANDIDATES = {  # head width -> kernel -> tiles; the kernel's default plan is always tried too
+    64: {"fwd": [T(128, 64, 4, 3), T(128, 128, 8, 3), T(64, 64, 4, 3), T(128, 64, 4, 4)],
+         "dkdv": [T(64, 128, 8, 3), T(64, 64, 4, 3), T(32, 128, 4, 3), T(64, 128, 4, 2)],
+         "dq": [T(128, 64, 8, 3), T(64, 64, 4, 3), T(128, 32, 4, 3), T(64, 128, 4, 2)]},
+    80: {"fwd": [T(128, 64, 8, 3), T(128, 64, 4, 3), T(128, 128, 8, 3), T(64, 64, 4, 3)],
+         "dkdv": [T(64, 128, 8, 2), T(32, 128, 4, 3), T(64, 64, 4, 3), T(32, 128, 8, 3)],
+         "dq": [T(128, 32, 8, 3), T(128, 64, 8, 2), T(64, 64, 4, 3), T(128, 64, 4, 3)]},
+    128: {"fwd": [T(128, 64, 8, 3), T(128, 64, 4, 3), T(128, 128, 8, 3), T(128, 128, 8, 2)],
+          "dkdv": [T(64, 128, 8, 2), T(64, 64, 4, 3), T(32, 128, 8, 3), T(64, 64, 8, 2)],
+          "dq": [T(128, 64, 8, 2), T(64, 64, 4, 3), T(128, 32, 8, 3), T(64, 128, 8, 2)]},
+    256: {"fwd": [T(128, 64, 8, 2), T(64, 64, 4, 2), T(128, 32, 8, 2), T(64, 32, 4, 3)],
+          "dkdv": [T(32, 64, 4, 2), T(64, 64, 8, 2), T(32, 64, 8, 2), T(64, 32, 4, 2)],
+          "dq": [T(64, 64, 8, 2), T(64, 32, 4, 2), T(128, 32, 8, 2), T(32, 64, 4, 2)]},
+}
+SHORT_SEGMENTS = {"fwd": [T(64, 64, 4, 3), T(64, 64, 4, 2), T(64, 32, 4, 3), T(128, 64, 8, 3)],
+                  "dkdv": [T(64, 64, 4, 3), T(32, 64, 4, 3), T(64, 64, 8, 2)],
+                  "dq": [T(64, 64, 4, 3), T(64, 32, 4, 3), T(64, 64, 8, 2)]}
+
+
+def candidates(case: Case) -> dict:
+    default = kernel.default_plan(case.head_dim, torch.device("cuda"), case.spec("cpu"), case.seq)
+    short = kernel.short_segments(case.spec("cpu"), case.seq)
+    width = kernel.head_width(case.head_dim)
+    table = SHORT_SEGMENTS if short else CANDIDATES[min(w for w in CANDIDATES if w >= width)]
+    return {name: list(dict.fromkeys([getattr(default, name), *table[name]])) for name in table}
+
+
+def _kernel_runner(x: Inputs, which: str, tiles):
+    """A thunk launching one kernel of ours alone, on the lowered structure and saved lse/delta."""
+    q, k, v, plan, low = kernel._prepare(x.q.detach(), x.k.detach(), x.v.detach(), x.spec, None)
+    out, lse = kernel._launch_forward(q, k, v, x.spec, low, plan.fwd)
+    _, delta = kernel._launch_dq(q, k, v, out, x.grad, lse, x.spec, low, plan.dq)
+    if which == "fwd":
+        return lambda: kernel._launch_forward(q, k, v, x.spec, low, tiles)
+    if which == "dkdv":
+        return lambda: kernel._launch_dkdv(q, k, v, x.grad, lse, delta, x.spec, low, tiles)
+    return lambda: kernel._launch_dq(q, k, v, out, x.grad, lse, x.spec, low, tiles)
+
+
+def sweep_case(x: Inputs) -> tuple[dict, kernel.TilePlan]:
+    results, best = {}, {}
+    for which, tiles_list in candidates(x.case).items():
+        results[which] = []
+        for tiles in tiles_list:
+            try:
+                ms = do_bench(_kernel_runner(x, which, tiles), warmup=25, rep=100, return_mode="median")
+                results[which].append({"tiles": list(tiles), "ms": round(ms, 4)})
+            except Exception as exc:  # out of shared memory / registers for this shape
+                results[which].append({"tiles": list(tiles), "ms": None, "error": _reason(exc)})
+        timed = [r for r in results[which] if r["ms"] is not None]
+        best[which] = kernel.Tiles(*min(timed, key=lambda r: r["ms"])["tiles"])
+    return results, kernel.TilePlan(**best)
+
+
+# ------------------------------------------------------------------------------------------------
+# Parallel compile, reports, main
+# ------------------------------------------------------------------------------------------------
+
+
+def _warm(case_name: str, what: str, tiles) -> str:
+    """Worker: compile one variant into the on-disk caches by running it once; no timing here."""
+    case = next(c for c in CASES if c.name == case_name)
+    x = make_inputs(case)
+    try:
+        if what == "flex":  # inference and training graphs are compiled separately
+            fn = _flex(x)
+            with torch.no_grad():
+                fn(x, x.q, x.k, x.v)
+            torch.autograd.grad(fn(x, x.q, x.k, x.v), x.leaves, x.grad)
+        elif what == "ours":
+            torch.autograd.grad(ours()(x, x.q, x.k, x.v), x.leaves, x.grad)
+        else:
+            _kernel_runner(x, what, kernel.Tiles(*tiles))()
+        torch.cuda.synchronize()
+        return f"{case_name} {what} {tiles or ''} ok"
+    except Exception as exc:
+        return f"{case_name} {what} {tiles or ''} failed: {_reason(exc)}"
+
+
+def warm_caches(cases, sweep: bool, jobs: int) -> None:
+    tasks = [(c.name, "flex", None) for c in cases] + [(c.name, "ours", None) for c in cases]
+    if sweep:
+        tasks += [(c.name, which, tuple(t)) for c in cases for which, ts in candidates(c).items() for t in ts]
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
+        for line in pool.map(_warm, *zip(*tasks)):
+            print("warm:", line, flush=True)
+
+
+def environment() -> dict:
+    import transformers
+
+    return {"device": torch.cuda.get_device_name(), "versions": {
+        "torch": torch.__version__, "triton": triton.__version__, "transformers": transformers.__version__,
+        "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(), "python": platform.python_version()},
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def write_markdown(report: dict, path: pathlib.Path) -> None:
+    names = ["sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "sdpa_default", "flex", "transformers"]
+    lines = [f"# Attention, {report['device']} (bf16, TFLOP/s over attended pairs)", "",
+             "versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()),
+             f"date: {report['date']}", "",
+             "| case | pass | ours | " + " | ".join(names) + " | best peer | ratio | minimum | meets |",
+             "|" + "---|" * (len(names) + 7)]
+    for r in report["rows"]:
+        cells = [str(r["peers"].get(n)) if r["peers"].get(n) is not None else "n/a" for n in names]
+        meets = "yes" if r["meets_minimum"] else "NO"
+        lines.append(f"| {r['case']} | {r['pass']} | {r['ours_tflops']} | " + " | ".join(cells)
+                     + f" | {r['best_peer']} | {r['ratio']} | {r['minimum']} | {meets} |")
+    lines += ["", "n/a = the peer cannot run the case; reasons are in the JSON's `notes`.",
+              "Plans (block_m, block_n, warps, stages) per kernel are in the JSON's `plan`."]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
+    parser.add_argument("--cases", default=",".join(c.name for c in CASES))
+    parser.add_argument("--sweep", action="store_true", help="time candidate tile plans first")
+    parser.add_argument("--jobs", type=int, default=0, help="compile in N processes first (0: no)")
+    parser.add_argument("--warm-only", action="store_true", help="only fill the compile caches (--jobs)")
+    args = parser.parse_args(argv)
+    cases = [c for c in CASES if c.name in args.cases.split(",")]
+    if args.jobs:
+        warm_caches(cases, args.sweep, args.jobs)
+    if args.warm_only:
+        return
+    card = torch.cuda.get_device_name().lower().replace("nvidia", "").strip().replace(" ", "-")
+    report, sweeps = {**environment(), "rows": []}, {}
+    args.out.mkdir(parents=True, exist_ok=True)
+    for case in cases:
+        x = make_inputs(case)
+        plan = None
+        if args.sweep:
+            sweeps[case.name], plan = sweep_case(x)
+            (args.out / f"attention-{card}-sweep.json").write_text(json.dumps(sweeps, indent=1))
+        rows = measure_case(x, plan)
+        for row in rows:
+            row["plan"] = _plan_dict(x, plan)
+            print(json.dumps({k: row[k] for k in ("case", "pass", "ours_tflops", "best_peer", "ratio")}), flush=True)
+        report["rows"] += rows
+        (args.out / f"attention-{card}.json").write_text(json.dumps(report, indent=1))
+        write_markdown(report, args.out / f"attention-{card}.md")
+        del x
+        torch.cuda.empty_cache()
+    (args.out / f"attention-{card}-compiled.json").write_text(json.dumps(compiled_report(), indent=1))
+
+
+def compiled_report() -> list[dict]:
+    """Registers, spills, shared memory and wgmma count of every compiled variant of our kernels: what
+    the compiler made of each plan (best effort: these are Triton internals)."""
+    found = []
+    for fn in (kernel._attn_fwd_kernel, kernel._attn_bwd_dkdv_kernel, kernel._attn_bwd_dq_kernel):
+        for caches in getattr(fn, "device_caches", {}).values():
+            for compiled in caches[0].values():
+                try:
+                    meta, constants = compiled.metadata, getattr(compiled.src, "constants", {})
+                    named = {fn.arg_names[k[0]] if isinstance(k, tuple) else str(k): v for k, v in constants.items()}
+                    blocks = {k: v for k, v in named.items() if k.startswith(("BLOCK", "HEAD", "D_", "SPLIT"))}
+                    found.append({"kernel": fn.__name__, "blocks": blocks, "num_warps": meta.num_warps,
+                                  "num_stages": meta.num_stages, "regs": compiled.n_regs,
+                                  "spills": compiled.n_spills, "shared_bytes": meta.shared,
+                                  "wgmma_in_ptx": compiled.asm.get("ptx", "").count("wgmma.mma_async")})
+                except Exception as exc:
+                    found.append({"kernel": fn.__name__, "error": _reason(exc)})
+    return found
+
+
+def _plan_dict(x: Inputs, plan) -> dict:
+    plan = plan or kernel.default_plan(x.case.head_dim, x.q.device, x.spec, x.case.seq)
+    return {name: list(tiles) for name, tiles in plan._asdict().items()}
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
