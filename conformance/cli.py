@@ -18,6 +18,7 @@ import sys
 import time
 
 from conformance import zoo
+from conformance.families import FAMILIES
 
 MODES = {
     "4bit": {"load_in_4bit": True},
@@ -99,6 +100,11 @@ def inspect_model(args) -> int:
     timings: list = []
     model, _ = _load(args.model, args.backend, args.mode, timings)
     print(f"{args.model}: {type(model).__name__}, family {model.fastvision_family}")
+    family = FAMILIES[model.fastvision_family]
+    print(
+        f"  attention served by {model.config._attn_implementation}: vision {family.vision_attention_class}, "
+        f"text {family.text_attention_class}"
+    )
     print_plan(model)
     print_memory(model)
     _print_timings(timings)

@@ -109,7 +109,7 @@ class LoadRequest:
         if self.full_finetuning:
             return "full"
         if self.kwargs.get("quantization_config") is not None:
-            return _mode_of_quantization_config(self.kwargs["quantization_config"])
+            return mode_of_quantization_config(self.kwargs["quantization_config"])
         if self.load_in_4bit:
             return "4bit"
         if self.load_in_8bit:
@@ -159,7 +159,7 @@ class LoadRequest:
         return not (self.full_finetuning and dtype == torch.bfloat16)
 
 
-def _mode_of_quantization_config(config) -> str:
+def mode_of_quantization_config(config) -> str:
     as_dict = config if isinstance(config, dict) else config.to_dict()
     if as_dict.get("load_in_4bit"):
         return "4bit"

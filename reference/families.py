@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from reference.errors import ArgumentValueError, UnknownFamilyError
+from reference.errors import UnknownFamilyError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,7 +25,6 @@ class FamilySpec:
     vision_attention: str = ""  # what the vision tower's attention computes, for people and the CLI
     text_attention: str = ""
     fast_inference: bool = False  # vLLM serves this family (Unsloth: Qwen2.5-VL and Gemma3 among ours)
-    tied_embeddings: bool = False  # lm_head shares the input embedding's weight
 
 
 FAMILIES: dict[str, FamilySpec] = {
@@ -77,7 +76,6 @@ FAMILIES: dict[str, FamilySpec] = {
             vision_attention="SigLIP, no mask",
             text_attention="causal GQA, sliding window on most layers, image tokens bidirectional",
             fast_inference=True,
-            tied_embeddings=True,
         ),
     )
 }
@@ -97,10 +95,3 @@ def family_of(config) -> FamilySpec:
         f"model_type={config.model_type!r} with vision model_type={vision_type!r} is not a family fastvision "
         f"supports; supported (model_type/vision model_type): {known}."
     )
-
-
-def family_named(name: str) -> FamilySpec:
-    try:
-        return FAMILIES[name]
-    except KeyError:
-        raise ArgumentValueError("family", name, ", ".join(FAMILIES)) from None

@@ -20,14 +20,15 @@ from accelerate import init_empty_weights
 from transformers import AutoConfig, BitsAndBytesConfig
 
 from reference import naming, quantization, training
-from reference.contract import LoadRequest, _mode_of_quantization_config
+from reference.contract import LoadRequest, mode_of_quantization_config
 from reference.errors import (
     ArgumentTypeError,
     ArgumentValueError,
     MissingDependencyError,
     RemoteCodeError,
+    UnsupportedCombinationError,
 )
-from reference.families import FamilySpec, family_of
+from reference.families import FAMILIES, FamilySpec, family_of
 from reference.processor import load_processor
 
 logger = logging.getLogger("fastvision")
@@ -134,16 +135,12 @@ def _check_fast_inference(request: LoadRequest, family: FamilySpec) -> None:
     if not request.fast_inference:
         return
     if not family.fast_inference:
-        from reference.families import FAMILIES
-
         allowed = ", ".join(f.name for f in FAMILIES.values() if f.fast_inference)
         raise ArgumentValueError("fast_inference", True, f"False for {family.name}; True only for {allowed}")
     try:
         import vllm  # noqa: F401
     except ImportError:
         raise MissingDependencyError("fast_inference=True", "vllm", "Install it with `pip install vllm`.") from None
-    from reference.errors import UnsupportedCombinationError
-
     raise UnsupportedCombinationError("fast_inference=True: fastvision does not serve through vLLM yet.")
 
 
@@ -217,7 +214,7 @@ def _finish(model, prepared: _Prepared, backend: Backend) -> None:
     request, family = prepared.request, prepared.family
     mode = request.mode
     if prepared.plan_source == "checkpoint quantization_config":  # the checkpoint's quantization won
-        mode = _mode_of_quantization_config(prepared.config.quantization_config)
+        mode = mode_of_quantization_config(prepared.config.quantization_config)
     plan = quantization.observed_plan(model, family, mode, prepared.plan_source)
     if prepared.expected_plan is not None:
         _check_plan(prepared.expected_plan, plan)
