@@ -114,7 +114,8 @@ def inspect_model(args) -> int:
 def conformance(args) -> int:
     from conformance.runner import run_conformance
 
-    return run_conformance(args.backend, device=args.device, junit=args.junit, json_path=args.json)
+    workers = ["-n", str(args.workers)] if args.workers > 1 else []  # pytest-xdist
+    return run_conformance(args.backend, device=args.device, junit=args.junit, json_path=args.json, extra_args=workers)
 
 
 def build_zoo(args) -> int:
@@ -141,6 +142,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--junit", default=None)
     p.add_argument("--json", default=None)
+    p.add_argument("--workers", type=int, default=1, help="run the suite in this many processes (pytest-xdist)")
     p.set_defaults(run=conformance)
     p = commands.add_parser("zoo", help="build the tiny offline checkpoints and print where they are")
     p.add_argument("--family", default=None, choices=zoo.FAMILIES)
