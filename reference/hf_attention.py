@@ -45,6 +45,9 @@ def _read(fn) -> dict:
         return {"window": int(captured["sliding_window"])}
     if factory == "blockwise_overlay":
         return {"spans": captured["block_sequence_ids"]}
+    if factory == "token_type_ids_mask_function" and captured.get("image_group_ids") is not None:
+        # Gemma3 before `blockwise_overlay` (transformers < 5.20): image tokens (type 1) of one group.
+        return {"spans": torch.where(captured["token_type_ids"] == 1, captured["image_group_ids"], -1)}
     if factory == "and_masks":
         return _read_and([_read(f) for f in captured["mask_functions"]])
     if factory == "or_masks":
@@ -66,11 +69,18 @@ def _read_and(parts: list[dict]) -> dict:
 
 
 def _read_or(parts: list[dict]) -> dict:
-    """Supported unions: causal | spans (Gemma3 image tokens), and anything | always (bidirectional)."""
+    """Supported unions: causal | spans (Gemma3 image tokens), (causal & window) | spans (older Gemma3
+    sliding layers), and anything | always (bidirectional)."""
     if any(p == {"always": True} for p in parts):
         return {"always": True}
-    if len(parts) == 2 and {"causal": True} in parts and any(set(p) == {"spans"} for p in parts):
-        return {"causal": True, "spans": next(p["spans"] for p in parts if "spans" in p)}
+    spans = [p for p in parts if set(p) == {"spans"}]
+    base = [p for p in parts if set(p) != {"spans"}]
+    if len(parts) == 2 and len(spans) == 1 and base[0] == {"causal": True}:
+        return {"causal": True, "spans": spans[0]["spans"]}
+    if len(parts) == 2 and len(spans) == 1 and set(base[0]) == {"causal", "window"}:
+        # Here the window does not clip the spans; the spec's window does. Equal while no span is
+        # longer than the window, which _spec_from_structure checks.
+        return {**base[0], "spans": spans[0]["spans"], "spans_unclipped": True}
     if len(parts) == 2 and {"causal": True} in parts:
         other = next(p for p in parts if p != {"causal": True})
         if other.get("causal") and set(other) <= {"causal", "spans"}:
@@ -102,9 +112,18 @@ def _spec_from_structure(structure: dict, kwargs) -> AttentionSpec:
     if spans is not None:
         spans = masking_utils.maybe_pad_block_sequence_ids(spans, None, kv_length, kv_offset)
         spans = spans[:, kv_offset : kv_offset + kv_length]
+        if structure.get("spans_unclipped") and _longest_span(spans) > structure["window"]:
+            raise _Unrecognised("a span longer than the sliding window it is not clipped by")
     return AttentionSpec(
         causal=bool(structure.get("causal")), window=structure.get("window"), key_padding=key_padding, span_ids=spans
     )
+
+
+def _longest_span(span_ids: torch.Tensor) -> int:
+    """Most positions sharing one span id in one row (one host sync per mask build, not per layer)."""
+    rows = torch.arange(span_ids.shape[0], device=span_ids.device)[:, None] * (span_ids.shape[1] + 1)
+    keys = (rows + span_ids + 1)[span_ids >= 0]
+    return int(torch.bincount(keys).max()) if keys.numel() else 0
 
 
 def build_mask_spec(*args, **kwargs) -> AttentionSpec:
