@@ -1,0 +1,49 @@
+"""The `fastvision` command as a newcomer runs it: the demo's printed plan puts exactly the language
+model's linear layers in 4-bit, and inspect/zoo print what they say they print."""
+
+from __future__ import annotations
+
+import pytest
+from torch import nn
+from transformers import AutoModelForImageTextToText
+
+from conformance import cli, zoo
+from conformance.families import FAMILIES
+
+
+def _printed_plan(output: str) -> dict[str, str]:
+    """module -> kind from the plan table the CLI prints (two-space indented rows after its header)."""
+    rows = {}
+    for line in output.splitlines():
+        cells = line.split()
+        if line.startswith("  ") and cells[0] != "totals:" and len(cells) >= 3 and cells[1] in ("nf4", "int8", "keep"):
+            rows[cells[0]] = cells[1]
+    return rows
+
+
+def _language_model_linears(family: str) -> set[str]:
+    model = AutoModelForImageTextToText.from_pretrained(zoo.checkpoint(family))
+    root = FAMILIES[family].language_model + "."
+    return {name for name, module in model.named_modules() if isinstance(module, nn.Linear) and name.startswith(root)}
+
+
+@pytest.mark.parametrize("family", zoo.FAMILIES)
+def test_demo_prints_a_plan_with_exactly_the_language_model_linears_in_4bit(family, capsys):
+    assert cli.main(["demo", "--family", family, "--max-new-tokens", "2"]) == 0
+    output = capsys.readouterr().out
+    plan = _printed_plan(output)
+    assert {module for module, kind in plan.items() if kind == "nf4"} == _language_model_linears(family)
+    assert "model memory:" in output and "model:" in output and "generate" in output
+
+
+def test_inspect_prints_the_plan_of_a_checkpoint_directory(capsys):
+    assert cli.main(["inspect", str(zoo.checkpoint("llava")), "--8bit"]) == 0
+    plan = _printed_plan(capsys.readouterr().out)
+    assert {module for module, kind in plan.items() if kind == "int8"} == _language_model_linears("llava")
+
+
+def test_zoo_prints_every_family_directory(capsys):
+    assert cli.main(["zoo"]) == 0
+    output = capsys.readouterr().out
+    for family in zoo.FAMILIES:
+        assert f"{family}: {zoo.checkpoint(family)}" in output
