@@ -94,7 +94,7 @@ def _prepare(request: LoadRequest) -> _Prepared:
     _check_device_available(request.device_map)
     on_gpu = _on_gpu(request.device_map)
     dtype = request.resolve_dtype(on_gpu, on_gpu and torch.cuda.is_bf16_supported())
-    quant_config, source = _quantization_config(request, config, dtype)
+    quant_config, source = _quantization_config(request, config, family, dtype)
     expected = None
     if source == "fastvision":
         with init_empty_weights(), torch.random.fork_rng(devices=[]):  # the skeleton's init draws: not the caller's RNG
@@ -144,7 +144,7 @@ def _check_fast_inference(request: LoadRequest, family: FamilySpec) -> None:
     raise UnsupportedCombinationError("fast_inference=True: fastvision does not serve through vLLM yet.")
 
 
-def _quantization_config(request: LoadRequest, config, dtype: torch.dtype):
+def _quantization_config(request: LoadRequest, config, family: FamilySpec, dtype: torch.dtype):
     """(config to pass to transformers or None, who decided the placement)."""
     if getattr(config, "quantization_config", None) is not None:
         return None, "checkpoint quantization_config"
@@ -156,7 +156,6 @@ def _quantization_config(request: LoadRequest, config, dtype: torch.dtype):
         import bitsandbytes  # noqa: F401
     except ImportError:
         raise MissingDependencyError(f"load_in_{request.mode}=True", "bitsandbytes") from None
-    family = family_of(config)
     skip = quantization.skip_modules(family, request.quantize_vision)
     if request.mode == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip), "fastvision"

@@ -101,7 +101,7 @@ def _keep_reason(name: str, module: nn.Module, family: FamilySpec) -> str:
     if _is_norm(module):
         return KEEP_REASONS["norm"]
     part = part_of(name, family)
-    return KEEP_REASONS.get(part, KEEP_REASONS["other"]) if part != "language model" else KEEP_REASONS["other"]
+    return KEEP_REASONS.get(part, KEEP_REASONS["other"])  # a language-model non-linear falls to "other"
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

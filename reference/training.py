@@ -7,6 +7,7 @@ forward and back in the backward, so device memory for activations no longer gro
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -60,15 +61,8 @@ def _to_host(tensor: torch.Tensor) -> torch.Tensor:
 def offloaded_checkpoint(function, *args, **kwargs):
     """A transformers `_gradient_checkpointing_func` whose saved layer inputs live in CPU memory."""
     if kwargs:
-        function = _bind_kwargs(function, kwargs)
+        function = functools.partial(function, **kwargs)
     return _OffloadedCheckpoint.apply(function, *args)
-
-
-def _bind_kwargs(function, kwargs):
-    def bound(*args):
-        return function(*args, **kwargs)
-
-    return bound
 
 
 def enable_checkpointing(model: nn.Module, mode: bool | str) -> None:
