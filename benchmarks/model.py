@@ -9,6 +9,7 @@ the median of >= 10 timed steps after warm-up; memory is the peak allocated duri
 
     python benchmarks/model.py                 # on the GPU: writes benchmarks/results/model-<card>.{json,md}
     python benchmarks/model.py --smoke         # CPU plumbing check: 1 layer, short text, 1 step
+    python benchmarks/model.py --profile DIR   # also write each contender's top GPU kernels to DIR
 
 Tokens, images and processors come from the tiny zoo checkpoint of the family (its tokenizer and chat
 template), with the image processor set to the real model's image size.
@@ -263,14 +264,21 @@ def load_contender(name: str, model_dir: pathlib.Path, dtype: torch.dtype):
     return model
 
 
-def time_steps(model, batch, warmup: int, steps: int) -> tuple[float, float]:
-    """(median step ms, peak GiB) of forward+backward with labels = input ids."""
-    batch = batch.to(_device())
-    model.train()
+def training_step(model, batch):
+    """One forward+backward with labels = input ids, as the benchmark times it."""
 
     def step():
         out = model(**batch, labels=batch["input_ids"])
         out.loss.backward()
+
+    return step
+
+
+def time_steps(model, batch, warmup: int, steps: int) -> tuple[float, float]:
+    """(median step ms, peak GiB) of forward+backward with labels = input ids."""
+    batch = batch.to(_device())
+    model.train()
+    step = training_step(model, batch)
 
     for _ in range(warmup):
         step()
@@ -285,6 +293,21 @@ def time_steps(model, batch, warmup: int, steps: int) -> tuple[float, float]:
         times.append((time.perf_counter() - start) * 1000)
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
     return statistics.median(times), peak
+
+
+def profile_steps(model, batch, steps: int = 2, top: int = 30) -> str:
+    """Where a step's GPU time goes: the `top` kernels by total device time over `steps` steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    batch = batch.to(_device())
+    step = training_step(model, batch)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        _sync()
+    sort_key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=sort_key, row_limit=top, max_name_column_width=90)
 
 
 # ------------------------------------------------------------------------------------------ plumbing
@@ -331,6 +354,9 @@ def run(args) -> dict:
             for contender in args.contenders:
                 model = load_contender(contender, model_dir, dtype)
                 step_ms, peak = time_steps(model, batch, args.warmup, args.steps)
+                if args.profile:
+                    table = profile_steps(model, batch)
+                    pathlib.Path(args.profile, f"{family}-{contender}.txt").write_text(table)
                 rows.append(
                     {
                         "family": family,
@@ -391,10 +417,13 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--profile", metavar="DIR", help="write each contender's top GPU kernels to DIR")
     parser.add_argument("--smoke", action="store_true", help="CPU plumbing check: 1 layer, short text, 1 step")
     args = parser.parse_args(argv)
     if args.smoke:
         args.text_layers, args.vision_layers, args.batch, args.tokens, args.warmup, args.steps = 1, 1, 1, 16, 0, 1
+    if args.profile:
+        pathlib.Path(args.profile).mkdir(parents=True, exist_ok=True)
     result = run(args)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
