@@ -63,8 +63,9 @@ class Case:
     q_heads: int
     kv_heads: int
     head_dim: int
-    kind: str  # causal | sliding | span | segments
+    kind: str  # causal | sliding | span | segments | full
     family_way: str  # how transformers runs it: sdpa_causal | sdpa_dense_bool | sdpa_dense_float | per_segment
+    #                  | sdpa_unmasked
     window: int | None = None
     span: tuple[int, int] | None = None  # (start, length) of the bidirectional block
     segments: tuple[int, ...] = ()
@@ -72,6 +73,8 @@ class Case:
     target: float = 1.0
 
     def spec(self, device) -> AttentionSpec:
+        if self.kind == "full":
+            return AttentionSpec()
         if self.kind == "causal":
             return AttentionSpec(causal=True)
         if self.kind == "sliding":
@@ -95,6 +98,14 @@ CASES = [
          segments=(1024,) * 4, target=1.5),
     Case("qwen25vl_vision_windows_d80", 1, 81 * 64, 16, 16, 80, "segments", "per_segment",
          segments=(64,) * 81, target=3.0),
+]
+# Not in the issue's table: the shapes one training step of benchmarks/model.py runs (batch 4 x ~2,000
+# tokens, the representative checkpoints' heads), to see where a whole step's attention time goes.
+MODEL_CASES = [
+    Case("llava_text_causal_d128", 4, 2048, 32, 32, 128, "causal", "sdpa_causal"),
+    Case("gemma3_text_sliding_d256", 4, 2048, 8, 4, 256, "sliding", "sdpa_dense_bool", window=1024),
+    Case("gemma3_vision_full_d72", 4, 4096, 16, 16, 72, "full", "sdpa_unmasked"),
+    Case("llava_vision_full_d64", 4, 577, 16, 16, 64, "full", "sdpa_unmasked"),
 ]
 PASSES = ("fwd", "fwd_bwd")
 
@@ -139,9 +150,9 @@ def _sdpa(backend):
     from torch.nn.attention import sdpa_kernel
 
     def call(x: Inputs, q, k, v, gqa):
-        causal = x.case.kind == "causal"
+        causal, unmasked = x.case.kind == "causal", x.case.kind in ("causal", "full")
         with sdpa_kernel([backend]) if backend is not None else contextlib.nullcontext():
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else x.mask,
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=None if unmasked else x.mask,
                                                   is_causal=causal, enable_gqa=gqa)
 
     def run(x: Inputs, q, k, v):
@@ -162,6 +173,8 @@ def _sdpa(backend):
 
 def _flex_mask_mod(x: Inputs):
     case = x.case
+    if case.kind == "full":
+        return lambda b, h, qi, ki: qi >= 0
     if case.kind == "causal":
         return lambda b, h, qi, ki: qi >= ki
     if case.kind == "sliding":
@@ -200,9 +213,10 @@ def _transformers(x: Inputs):
 
     case = x.case
     module = types.SimpleNamespace(num_key_value_groups=case.q_heads // case.kv_heads,
-                                   is_causal=case.kind != "segments", training=False)
+                                   is_causal=case.kind not in ("segments", "full"),
+                                   training=False)
     scale = 1.0 / math.sqrt(case.head_dim)
-    if case.family_way == "sdpa_causal":  # mask None: SDPA's is_causal, GQA through enable_gqa
+    if case.family_way in ("sdpa_causal", "sdpa_unmasked"):  # mask None: is_causal or not, GQA by enable_gqa
         return lambda x_, q, k, v: sdpa_attention_forward(module, q, k, v, None, scaling=scale)[0]
     if case.family_way == "sdpa_dense_bool":  # Gemma3: create_masks_for_vision_model's bool mask
         return lambda x_, q, k, v: sdpa_attention_forward(module, q, k, v, x.mask, scaling=scale)[0]
@@ -406,7 +420,7 @@ def sweep_case(x: Inputs) -> tuple[dict, kernel.TilePlan]:
 
 def _warm(case_name: str, what: str, tiles) -> str:
     """Worker: compile one variant into the on-disk caches by running it once; no timing here."""
-    case = next(c for c in CASES if c.name == case_name)
+    case = next(c for c in CASES + MODEL_CASES if c.name == case_name)
     x = make_inputs(case)
     try:
         if what == "flex":  # inference and training graphs are compiled separately
@@ -463,12 +477,13 @@ def write_markdown(report: dict, path: pathlib.Path) -> None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
-    parser.add_argument("--cases", default=",".join(c.name for c in CASES))
+    parser.add_argument("--cases", default=",".join(c.name for c in CASES),
+                        help="comma-separated; also: " + ",".join(c.name for c in MODEL_CASES))
     parser.add_argument("--sweep", action="store_true", help="time candidate tile plans first")
     parser.add_argument("--jobs", type=int, default=0, help="compile in N processes first (0: no)")
     parser.add_argument("--warm-only", action="store_true", help="only fill the compile caches (--jobs)")
     args = parser.parse_args(argv)
-    cases = [c for c in CASES if c.name in args.cases.split(",")]
+    cases = [c for c in CASES + MODEL_CASES if c.name in args.cases.split(",")]
     if args.jobs:
         warm_caches(cases, args.sweep, args.jobs)
     if args.warm_only:

@@ -2,10 +2,11 @@
 
 Per family and input (one prompt with an image; a left-padded batch of two; a batch whose long prompt
 runs past Gemma3's sliding window), on valid tokens only (padded positions are undefined):
-  - 16-bit: logits within `tolerances.MODEL_LOGITS_ATOL`, and the gradient of a next-token
-    cross-entropy with respect to the language model's input embeddings (captured where the embedding
-    module returns them, so image features and everything after are on the path) within
-    `tolerances.model_grads_bound`;
+  - 16-bit: logits, and the gradient of a next-token cross-entropy with respect to the language
+    model's input embeddings (captured where the embedding module returns them, so image features and
+    everything after are on the path), against the fp32 eager model: within twice the error of the
+    eager model run in the backend's own dtype plus a floor (`tolerances.model_logits_bound`,
+    `tolerances.model_grads_bound`); in fp32 that is the floor alone;
   - 4-bit: the backend's NF4 logits against the eager 16-bit model's by signal-to-noise ratio,
     at least `tolerances.nf4_logits_min_sqnr_db(family)`.
 The reference is `AutoModelForImageTextToText.from_pretrained(path, attn_implementation="eager")`:
@@ -103,20 +104,31 @@ def test_16bit_logits_and_grads_match_transformers_eager(backend, device, family
     with checks.reproducing(repro):
         model, processor = _backend_model(backend, family, device, "16bit")
     dtype = model.get_input_embeddings().weight.dtype
-    eager = _eager_model(family, device, dtype)
     batch, valid = _batch(processor, family, name, device)
     got_logits, got_grads = _logits_and_grads(model, family, batch, valid, repro=repro)
-    want_logits, want_grads = _logits_and_grads(eager, family, batch, valid, repro=repro)
+    truth_logits, truth_grads = _logits_and_grads(_eager_model(family, device, torch.float32), family, batch, valid,
+                                                  repro=repro)  # fmt: skip
+    eager_logits, eager_grads = _logits_and_grads(_eager_model(family, device, dtype), family, batch, valid,
+                                                  repro=repro)  # fmt: skip
     what = f"{family} {name} ({tuple(batch['input_ids'].shape)} tokens, {dtype})"
-    err = (got_logits[valid].double() - want_logits[valid].double()).abs().max().item()
-    bound = tolerances.MODEL_LOGITS_ATOL[dtype]
-    checks.check(err <= bound, f"{what}: logits differ from transformers' eager model by {err:.3g} > {bound:.3g} "
-                 "on valid tokens", repro=repro)  # fmt: skip
+    err, eager_err = _error(got_logits, truth_logits, valid), _error(eager_logits, truth_logits, valid)
+    bound = tolerances.model_logits_bound(eager_err, dtype)
+    checks.check(err <= bound, f"{what}: logits differ from transformers' fp32 eager model by {err:.3g} > {bound:.3g}"
+                 f" (its {dtype} eager model: {eager_err:.3g}) on valid tokens", repro=repro)  # fmt: skip
     checks.check(got_grads is not None, f"{what}: no gradient reached the input embeddings", repro=repro)
-    err = (got_grads[valid].double() - want_grads[valid].double()).abs().max().item()
-    bound = tolerances.model_grads_bound(want_grads[valid], dtype)
-    checks.check(err <= bound, f"{what}: d(loss)/d(input embeddings) differs from transformers' eager model by "
-                 f"{err:.3g} > {bound:.3g} on valid tokens", repro=repro)  # fmt: skip
+    err, eager_err = _error(got_grads, truth_grads, valid), _error(eager_grads, truth_grads, valid)
+    bound = tolerances.model_grads_bound(eager_err, truth_grads[valid], dtype)
+    checks.check(err <= bound, f"{what}: d(loss)/d(input embeddings) differs from transformers' fp32 eager model by "
+                 f"{err:.3g} > {bound:.3g} (its {dtype} eager model: {eager_err:.3g}) on valid tokens",
+                 repro=repro)  # fmt: skip
+
+
+def _error(got: torch.Tensor, truth: torch.Tensor, valid: torch.Tensor) -> float:
+    """Max absolute error on valid tokens; NaN or inf never passes."""
+    got = got[valid].double()
+    if not torch.isfinite(got).all():
+        return float("inf")
+    return (got - truth[valid].double()).abs().max().item()
 
 
 @pytest.mark.parametrize("name", ["one_prompt", "left_padded_batch"])

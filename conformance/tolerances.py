@@ -62,16 +62,30 @@ def sqnr_db(signal: torch.Tensor, approximation: torch.Tensor) -> float:
     return float(20 * torch.log10(signal.norm() / noise))
 
 
-# Whole-model gradients: d(loss)/d(input embeddings) on valid tokens against transformers' eager model,
-# relative to the largest gradient entry (their scale follows the loss, ~1/tokens for a mean). The same
-# numbers as MODEL_LOGITS_ATOL, since the backward repeats the forward's math once more: on the zoo in
-# fp32 the error measures ~2e-6 of the largest entry (qwen2_vl: 6e-8 on 0.16; gemma3: 5e-8 on 0.05).
+# Whole-model gradients: d(loss)/d(input embeddings) on valid tokens, relative to the largest gradient
+# entry (their scale follows the loss, ~1/tokens for a mean). The same numbers as MODEL_LOGITS_ATOL,
+# since the backward repeats the forward's math once more: on the zoo in fp32 the error measures ~2e-6 of
+# the largest entry (qwen2_vl: 6e-8 on 0.16; gemma3: 5e-8 on 0.05).
 MODEL_GRADS_RTOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 1e-2}
 
 
-def model_grads_bound(expected: torch.Tensor, dtype: torch.dtype) -> float:
-    """The largest error allowed on gradients whose exact values are `expected`."""
-    return MODEL_GRADS_RTOL[dtype] * float(expected.abs().max())
+# Whole models in 16-bit follow the kernels' rule: the backend's error against the fp32 eager model (the
+# truth) may be at most KERNEL_ERROR_FACTOR times the error of transformers' own eager model run in the
+# same 16-bit dtype, plus the floors above. A fixed bound against the 16-bit eager model measures bf16
+# rounding, not conformance: on the H100 (torch 2.11, transformers 5.17) the zoo's bf16 eager model is
+# itself 8e-3 (llava, qwen2_vl, pixtral) to 2.6e-2 (gemma3: its sqrt(hidden) embedding scale and four
+# norms per layer) away from its fp32 self on logits of |max| ~1.2, and 0.7-3.4e-2 on gradients; two
+# bf16 runs differ by up to the sum of their errors. In fp32 the two eager models are one and the bound
+# is the floor alone, as before.
+def model_logits_bound(eager_error: float, dtype: torch.dtype) -> float:
+    """The largest logits error against the fp32 eager model, given the same-dtype eager model's error."""
+    return KERNEL_ERROR_FACTOR * eager_error + MODEL_LOGITS_ATOL[dtype]
+
+
+def model_grads_bound(eager_error: float, truth: torch.Tensor, dtype: torch.dtype) -> float:
+    """The largest gradient error against the fp32 eager model's gradients `truth`, given the same-dtype
+    eager model's error on them."""
+    return KERNEL_ERROR_FACTOR * eager_error + MODEL_GRADS_RTOL[dtype] * float(truth.abs().max())
 
 
 # Gemma3 puts a norm after attention and after the MLP (post_attention_layernorm, post_feedforward_

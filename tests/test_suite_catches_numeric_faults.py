@@ -30,7 +30,7 @@ FAULTS = {
 # The padding fault is a model-level fault too: a left-padded batch's logits move.
 MODEL_FAULTS = {
     "ignores_left_padding": ("test_16bit_logits_and_grads and llava and left_padded_batch",
-                             ["llava left_padded_batch", "logits differ from transformers' eager model"]),
+                             ["llava left_padded_batch", "logits differ from transformers' fp32 eager model"]),
 }  # fmt: skip
 
 
