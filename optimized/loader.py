@@ -1,10 +1,13 @@
-"""The optimized backend: the reference pipeline and contract, with the Triton attention op and the
-per-family patches that let one kernel launch serve a whole multi-image vision batch."""
+"""The optimized backend: the reference pipeline and contract, with the Triton attention op, the
+per-family patches that let one kernel launch serve a whole multi-image vision batch, and the fused
+per-token layers (norms, gated MLPs, rotary embedding, loss) of every family."""
 
 from __future__ import annotations
 
+import functools
+
 from optimized import ops
-from optimized.patches import pixtral, qwen_vision
+from optimized.patches import fused_layers, pixtral, qwen_vision
 from reference.families import FamilySpec
 from reference.hf_attention import register
 from reference.loader import Backend
@@ -16,11 +19,17 @@ FAMILY_PATCHES = {"qwen2_vl": qwen_vision, "qwen2_5_vl": qwen_vision, "pixtral":
 
 
 def patch_model(model, family: FamilySpec) -> None:
+    undo = []
     module = FAMILY_PATCHES.get(family.name)
-    if module is None or not _served_by_us(model):
-        return
-    patched = module.patch(model)
-    model.fastvision_unpatch = lambda: module.unpatch(patched)
+    if module is not None and _served_by_us(model):
+        undo.append(functools.partial(module.unpatch, module.patch(model)))
+    undo.append(functools.partial(fused_layers.unpatch, fused_layers.patch(model)))
+
+    def unpatch():
+        for step in reversed(undo):
+            step()
+
+    model.fastvision_unpatch = unpatch
 
 
 def _served_by_us(model) -> bool:

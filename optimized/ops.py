@@ -1,5 +1,6 @@
-"""Which implementation serves an attention call: the Triton kernel on a GPU (or in Triton's
-interpreter when TRITON_INTERPRET=1), otherwise the reference op — said once in the log.
+"""Which implementation serves each op: the Triton kernel on a GPU (or in Triton's interpreter when
+TRITON_INTERPRET=1), otherwise the reference op — said once in the log. Every op here has the signature
+of its plain-PyTorch twin in `reference/ops/`.
 
 A spec the kernel cannot read (a dense mask from a composition the mask builder does not know) also
 goes to the reference op, so an unknown pattern is slow, never wrong.
@@ -8,6 +9,7 @@ goes to the reference op, so an unknown pattern is slow, never wrong.
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
 import os
 
@@ -23,10 +25,13 @@ def interpreter_enabled() -> bool:
 
 
 @functools.cache
-def _kernel_module():
-    from optimized.kernels import attention as kernel_attention
+def _kernel_module(name: str = "attention"):
+    return importlib.import_module(f"optimized.kernels.{name}")
 
-    return kernel_attention
+
+@functools.cache
+def _reference_module(name: str):
+    return importlib.import_module(f"reference.ops.{name}")
 
 
 @functools.cache
@@ -34,9 +39,9 @@ def _say_fallback_once(reason: str) -> None:
     logger.warning("fastvision optimized backend: %s; running the reference attention instead.", reason)
 
 
-def kernel_serves(q: torch.Tensor, spec: reference_attention.AttentionSpec) -> bool:
+def kernel_serves(q: torch.Tensor, spec: reference_attention.AttentionSpec | None = None) -> bool:
     """True when the Triton kernel runs this call; False routes it to the reference op."""
-    if not spec.is_structured:
+    if spec is not None and not spec.is_structured:
         _say_fallback_once("a mask pattern with no structure the kernel can read")
         return False
     if q.is_cuda:
@@ -57,3 +62,36 @@ def attention(q, k, v, spec):
         out = _kernel_module().attention(q.float(), k.float(), v.float(), spec)
         return out.to(torch.bfloat16)
     return _kernel_module().attention(q, k, v, spec)
+
+
+def _on_kernel(name: str, function: str, *tensors, **kwargs):
+    """The kernel `optimized.kernels.<name>.<function>` where it can run, else its reference twin. On the
+    CPU the interpreter gets fp32 copies of bf16 inputs (numpy has no bf16) and the result is cast back."""
+    if not kernel_serves(tensors[0]):
+        return getattr(_reference_module(name), function)(*tensors, **kwargs)
+    kernel = getattr(_kernel_module(name), function)
+    if tensors[0].dtype != torch.bfloat16 or tensors[0].is_cuda:
+        return kernel(*tensors, **kwargs)
+    result = kernel(*(t.float() if t.is_floating_point() else t for t in tensors), **kwargs)
+    if isinstance(result, tuple):
+        return tuple(r.to(torch.bfloat16) for r in result)
+    return result if function == "causal_lm_loss" else result.to(torch.bfloat16)
+
+
+def rms_norm(x, weight, eps, *, gemma=False):
+    return _on_kernel("rmsnorm", "rms_norm", x, weight, eps=eps, gemma=gemma)
+
+
+def gated_activation(gate, up, activation):
+    return _on_kernel("gated_activation", "gated_activation", gate, up, activation=activation)
+
+
+def apply_rotary(q, k, cos, sin, unsqueeze_dim=1):
+    return _on_kernel("rope", "apply_rotary", q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
+
+
+def causal_lm_loss(logits, labels, vocab_size, num_items_in_batch=None, ignore_index=-100, shift_labels=None,
+                   **kwargs):  # fmt: skip
+    return _on_kernel("cross_entropy", "causal_lm_loss", logits, labels, vocab_size=vocab_size,
+                      num_items_in_batch=num_items_in_batch, ignore_index=ignore_index, shift_labels=shift_labels,
+                      **kwargs)  # fmt: skip

@@ -83,3 +83,73 @@ def test_a_reference_model_loaded_after_an_optimized_one_is_untouched(kernel_cal
     valid = batch["attention_mask"].bool()
     difference = (optimized_logits - reference_logits)[valid].abs().max()
     assert difference <= tolerances.MODEL_LOGITS_ATOL[torch.float32]
+
+
+FUSED = {"rmsnorm": "rms_norm", "gated_activation": "gated_activation", "rope": "apply_rotary",
+         "cross_entropy": "causal_lm_loss"}  # fmt: skip
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """How many times each fused kernel ran, by kernel file name."""
+    counts = dict.fromkeys(FUSED, 0)
+    for name, function in FUSED.items():
+        module = ops._kernel_module(name)
+        original = getattr(module, function)
+
+        def spy(*args, _name=name, _original=original, **kwargs):
+            counts[_name] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(module, function, spy)
+    return counts
+
+
+def _loss_and_grads(model, batch):
+    """The training loss of `batch` and its gradient with respect to the input embeddings."""
+    embeddings = model.get_input_embeddings()
+    captured = []
+    handle = embeddings.register_forward_hook(lambda _m, _a, out: captured.append(out.detach().requires_grad_()) or
+                                              captured[-1])  # fmt: skip
+    try:
+        out = model(**batch, labels=batch["input_ids"])
+    finally:
+        handle.remove()
+    out.loss.backward()
+    return out.logits.detach(), out.loss.detach(), captured[0].grad
+
+
+def _text_layers(model) -> int:
+    config = model.config.get_text_config()
+    return config.num_hidden_layers
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "llava", "pixtral", "gemma3"])
+def test_norms_gated_mlps_rotary_and_loss_run_fused_and_match_the_reference(fused_calls, family):
+    model, processor = optimized.FastVisionModel.from_pretrained(str(zoo.checkpoint(family)), load_in_4bit=False)
+    reference_model, _ = reference.FastVisionModel.from_pretrained(str(zoo.checkpoint(family)), load_in_4bit=False)
+    batch = inputs.image_batch(processor)
+    logits, loss, grads = _loss_and_grads(model, batch)
+    counts = dict(fused_calls)
+    assert counts["rope"] == _text_layers(model), f"{family}: rotary ran fused {counts['rope']} times"
+    assert counts["cross_entropy"] == 1, f"{family}: the loss ran fused {counts['cross_entropy']} times"
+    assert counts["gated_activation"] >= _text_layers(model), f"{family}: gated MLPs fused {counts}"
+    assert counts["rmsnorm"] >= 2 * _text_layers(model) + 1, f"{family}: norms fused {counts}"
+
+    want_logits, want_loss, want_grads = _loss_and_grads(reference_model, batch)
+    assert fused_calls == counts, "the reference model ran a fused kernel"
+    valid = batch["attention_mask"].bool()
+    bound = tolerances.MODEL_LOGITS_ATOL[torch.float32]
+    assert (logits - want_logits)[valid].abs().max() <= bound
+    assert (loss - want_loss).abs() <= bound
+    assert (grads - want_grads)[valid].abs().max() <= tolerances.model_grads_bound(0.0, want_grads[valid],
+                                                                                    torch.float32)
+
+
+def test_unpatching_gives_back_transformers_own_layers(fused_calls):
+    model, processor = optimized.FastVisionModel.from_pretrained(str(zoo.checkpoint("llava")), load_in_4bit=False)
+    model.fastvision_unpatch()
+    assert not [type(m).__name__ for m in model.modules() if "forward" in vars(m)]
+    assert "_loss_function" not in vars(model)
+    _loss_and_grads(model, inputs.image_batch(processor))
+    assert fused_calls == dict.fromkeys(FUSED, 0)
