@@ -63,18 +63,18 @@ class Problem:
         # Llama weights sit near 1; Gemma3 stores the offset from 1, near 0.
         weight = torch.randn(self.cols, generator=gen) * 0.5 + (0.0 if self.gemma else 1.0)
         dy = torch.randn(*self.leading, self.cols, generator=gen)
-        x = _lay_out(x.to(self.dtype), self.layout)
+        x = _lay_out(x.to(device=DEVICE, dtype=self.dtype), self.layout)  # on DEVICE: .to() would copy it
         w_dtype = self.weight_dtype or self.dtype
         # dy in x's dtype: exact in the output's dtype too (the same or fp32), so the oracle sees the
         # very values both backends receive.
-        return x.to(DEVICE), weight.to(device=DEVICE, dtype=w_dtype), dy.to(device=DEVICE, dtype=self.dtype)
+        return x, weight.to(device=DEVICE, dtype=w_dtype), dy.to(device=DEVICE, dtype=self.dtype)
 
 
 def _lay_out(x: torch.Tensor, layout: str) -> torch.Tensor:
     if layout == "transposed":
         return x.transpose(0, 1).contiguous().transpose(0, 1)
     if layout == "column_slice":
-        wide = torch.zeros(*x.shape[:-1], x.shape[-1] + 5, dtype=x.dtype)
+        wide = torch.zeros(*x.shape[:-1], x.shape[-1] + 5, dtype=x.dtype, device=x.device)
         wide[..., : x.shape[-1]] = x
         return wide[..., : x.shape[-1]]
     return x
@@ -234,7 +234,7 @@ def test_non_contiguous_input_matches_contiguous(layout, style):
         strided[..., ::2] = x
         view = strided[..., ::2]
     else:
-        view = _lay_out(x.cpu(), layout).to(DEVICE)
+        view = _lay_out(x, layout)
     assert not view.is_contiguous() and torch.equal(view, x)
     fn = lambda a, w: rms_norm(a, w, 1e-6, gemma=STYLES[style])
     strided_run, contiguous_run = _run(fn, view, weight, dy, True, True), _run(fn, x, weight, dy, True, True)
