@@ -51,6 +51,7 @@ from optimized.kernels import attention as kernel  # noqa: E402
 from reference.ops.attention import AttentionSpec, build_mask  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+PAD_ENV = "FASTVISION_BENCH_PADDED_HEAD_DIMS"
 DTYPE = torch.bfloat16
 BWD_FACTOR = 3.5  # forward + backward, with backward = 2.5 x forward
 
@@ -418,8 +419,13 @@ def sweep_case(x: Inputs) -> tuple[dict, kernel.TilePlan]:
 # ------------------------------------------------------------------------------------------------
 
 
+def _pad_from_env() -> None:
+    kernel.PADDED_HEAD_DIMS.update(int(d) for d in os.environ.get(PAD_ENV, "").split(",") if d)
+
+
 def _warm(case_name: str, what: str, tiles) -> str:
     """Worker: compile one variant into the on-disk caches by running it once; no timing here."""
+    _pad_from_env()
     case = next(c for c in CASES + MODEL_CASES if c.name == case_name)
     x = make_inputs(case)
     try:
@@ -481,9 +487,13 @@ def main(argv=None) -> None:
                         help="comma-separated; also: " + ",".join(c.name for c in MODEL_CASES))
     parser.add_argument("--sweep", action="store_true", help="time candidate tile plans first")
     parser.add_argument("--jobs", type=int, default=0, help="compile in N processes first (0: no)")
+    parser.add_argument("--pad-head-dim", type=int, nargs="*", default=[],
+                        help="run these head dims padded to a power of two instead of split (kernel.PADDED_HEAD_DIMS)")
     parser.add_argument("--warm-only", action="store_true", help="only fill the compile caches (--jobs)")
     args = parser.parse_args(argv)
     cases = [c for c in CASES + MODEL_CASES if c.name in args.cases.split(",")]
+    os.environ[PAD_ENV] = ",".join(map(str, args.pad_head_dim))  # spawned compile workers read it too
+    _pad_from_env()
     if args.jobs:
         warm_caches(cases, args.sweep, args.jobs)
     if args.warm_only:

@@ -690,12 +690,17 @@ def _block_d(head_dim: int) -> int:
     return max(16, 1 << (head_dim - 1).bit_length())
 
 
+# Head dims run padded to the next power of two instead of split (benchmarks/attention.py --pad-head-dim
+# measures both; see _head_split).
+PADDED_HEAD_DIMS: set[int] = set()
+
+
 def _head_split(head_dim: int) -> dict:
     """The head dim as a power-of-two main part plus a power-of-two tail (>= 16, masked past HEAD_DIM)
     where that is less work than padding: 80 = 64 + 16 and 72 = 64 + 16 (of 128 padded), 96 = 64 + 32."""
     main = max(16, 1 << (head_dim.bit_length() - 1))
     tail = _block_d(head_dim - main) if head_dim > main else 0
-    if tail == 0 or main + tail >= _block_d(head_dim):
+    if tail == 0 or main + tail >= _block_d(head_dim) or head_dim in PADDED_HEAD_DIMS:
         return dict(D_MAIN=_block_d(head_dim), D_TAIL=16, SPLIT=False)  # D_TAIL sizes a placeholder
     return dict(D_MAIN=main, D_TAIL=tail, SPLIT=True)
 
