@@ -284,6 +284,15 @@ def test_parity_head_dims_and_gqa_ratios(head_dim, group):
                          kv_len=length, head_dim=head_dim, spec=AttentionSpec(causal=True), seed=head_dim))
 
 
+@pytest.mark.parametrize("head_dim", (72, 128, 256))
+def test_float32_at_large_head_dims(head_dim):
+    """fp32 inputs (dtype=float32 on a GPU) take their own plan there: the bf16 plans' tiles at 4 bytes an
+    element pass the H100's shared memory at d256. Odd lengths, GQA, causal."""
+    length = LONG // 2 + 1
+    check_parity(Problem(batch=2, q_heads=4, kv_heads=2, q_len=length, kv_len=length, head_dim=head_dim,
+                         spec=AttentionSpec(causal=True), dtype=torch.float32, seed=head_dim))
+
+
 # Tile shapes where BLOCK_M != BLOCK_N, so the tile plans' rounding is exercised in both directions.
 PLANS = {
     "m64n16": TilePlan(Tiles(64, 16, 4, 2), Tiles(64, 16, 4, 2), Tiles(64, 16, 4, 2)),

@@ -635,6 +635,12 @@ class TilePlan(NamedTuple):
 # CPU tests fast while still crossing many tile boundaries at 17-128 tokens.
 _INTERPRETER_PLAN = TilePlan(Tiles(32, 32, 4, 1), Tiles(32, 32, 4, 1), Tiles(32, 32, 4, 1))
 
+# fp32 on a GPU is a precision path, not a speed one: "ieee" dots have no tensor-core (wgmma) form, so
+# Triton unrolls them into FMAs held in registers, and the bf16 plans' 128 x 64 tiles with 3 stages of
+# 4-byte K/V (3 x 64 x 256 x 4 B = 192 KB for each of K and V at d256) pass the H100's 227 KB of shared
+# memory. 32 x 32 tiles, one stage: <= 96 KB at d256, and small unrolled FMA blocks to compile.
+_FP32_GPU_PLAN = TilePlan(Tiles(32, 32, 4, 1), Tiles(32, 32, 4, 1), Tiles(32, 32, 4, 1))
+
 # H100 (sm_90) plans by the head-dim width the tensor cores see (D_MAIN + D_TAIL: 80 for d80 split as
 # 64 + 16), the fastest of 4-5 candidates per kernel in `benchmarks/attention.py --sweep`
 # (results/attention-h100-80gb-hbm3-sweep.json). Registers bound the shapes: the forward keeps a
@@ -661,9 +667,11 @@ _SHORT_SEGMENT_PLANS = {
 
 
 def default_plan(head_dim: int, device: torch.device, spec: AttentionSpec | None = None,
-                 kv_len: int = 0) -> TilePlan:
+                 kv_len: int = 0, dtype: torch.dtype | None = None) -> TilePlan:
     if device.type != "cuda":
         return _INTERPRETER_PLAN
+    if dtype == torch.float32:
+        return _FP32_GPU_PLAN
     plans = _SHORT_SEGMENT_PLANS if short_segments(spec, kv_len) else _GPU_PLANS
     return plans[min(w for w in plans if w >= head_width(head_dim))]
 
@@ -858,7 +866,7 @@ def _launch_dq(q, k, v, out, grad_out, lse, spec, low: _Structure, tiles: Tiles)
 def _prepare(q, k, v, spec: AttentionSpec, plan: TilePlan | None):
     _validate(q, k, v, spec)
     q, k, v = (_unit_last_stride(t) for t in (q, k, v))
-    plan = plan or default_plan(q.shape[-1], q.device, spec, k.shape[2])
+    plan = plan or default_plan(q.shape[-1], q.device, spec, k.shape[2], q.dtype)
     return q, k, v, plan, _lower(spec, q.shape[0], k.shape[2], q.device)
 
 
