@@ -36,7 +36,7 @@ def _reference_module(name: str):
 
 @functools.cache
 def _say_fallback_once(reason: str) -> None:
-    logger.warning("fastvision optimized backend: %s; running the reference attention instead.", reason)
+    logger.warning("fastvision optimized backend: %s; running the reference ops (plain PyTorch) instead.", reason)
 
 
 def kernel_serves(q: torch.Tensor, spec: reference_attention.AttentionSpec | None = None) -> bool:
