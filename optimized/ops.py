@@ -64,18 +64,19 @@ def attention(q, k, v, spec):
     return _kernel_module().attention(q, k, v, spec)
 
 
-def _on_kernel(name: str, function: str, *tensors, **kwargs):
+def _on_kernel(name: str, function: str, *tensors, in_input_dtype: bool = True, **kwargs):
     """The kernel `optimized.kernels.<name>.<function>` where it can run, else its reference twin. On the
-    CPU the interpreter gets fp32 copies of bf16 inputs (numpy has no bf16) and the result is cast back."""
+    CPU the interpreter gets fp32 copies of bf16 inputs (numpy has no bf16) and, where the op's results
+    are in its input dtype (`in_input_dtype`; the loss is fp32 whatever the logits), they are cast back."""
     if not kernel_serves(tensors[0]):
         return getattr(_reference_module(name), function)(*tensors, **kwargs)
     kernel = getattr(_kernel_module(name), function)
     if tensors[0].dtype != torch.bfloat16 or tensors[0].is_cuda:
         return kernel(*tensors, **kwargs)
     result = kernel(*(t.float() if t.is_floating_point() else t for t in tensors), **kwargs)
-    if isinstance(result, tuple):
-        return tuple(r.to(torch.bfloat16) for r in result)
-    return result if function == "causal_lm_loss" else result.to(torch.bfloat16)
+    if not in_input_dtype:
+        return result
+    return tuple(r.to(torch.bfloat16) for r in result) if isinstance(result, tuple) else result.to(torch.bfloat16)
 
 
 def rms_norm(x, weight, eps, *, gemma=False):
@@ -92,6 +93,6 @@ def apply_rotary(q, k, cos, sin, unsqueeze_dim=1):
 
 def causal_lm_loss(logits, labels, vocab_size, num_items_in_batch=None, ignore_index=-100, shift_labels=None,
                    **kwargs):  # fmt: skip
-    return _on_kernel("cross_entropy", "causal_lm_loss", logits, labels, vocab_size=vocab_size,
+    return _on_kernel("cross_entropy", "causal_lm_loss", logits, labels, in_input_dtype=False, vocab_size=vocab_size,
                       num_items_in_batch=num_items_in_batch, ignore_index=ignore_index, shift_labels=shift_labels,
                       **kwargs)  # fmt: skip

@@ -24,28 +24,24 @@ import inspect
 import sys
 import types
 
-from torch import nn
-from transformers import activations
-
 from optimized import ops
+from optimized.patches import switched_on
 
 # RMSNorm classes -> Gemma3 style (fp32 `x * (1 + w)` before the cast) or Llama style (cast, then `w *`).
 NORM_CLASSES = {"LlamaRMSNorm": False, "MistralRMSNorm": False, "PixtralRMSNorm": False, "Qwen2RMSNorm": False,
                 "Qwen2VLRMSNorm": False, "Qwen2_5_VLRMSNorm": False, "Gemma3RMSNorm": True}  # fmt: skip
 # Gated MLPs whose forward is exactly down_proj(act_fn(gate_proj(x)) * up_proj(x)).
 GATED_MLP_CLASSES = ("LlamaMLP", "MistralMLP", "PixtralMLP", "Qwen2MLP", "Qwen2_5_VLMLP", "Gemma3MLP")
+# Activation modules by class name (transformers' ACT2FN classes; nn.SiLU for "swish") -> the kernel's name.
+ACTIVATION_CLASSES = {"silu": ("SiLUActivation", "SiLU"), "gelu_tanh": ("GELUTanh", "PytorchGELUTanh")}
 ROTARY_MODULES = ("llama", "mistral", "qwen2_vl", "qwen2_5_vl", "gemma3")  # text apply_rotary_pos_emb
 
 _fused_rotary = contextvars.ContextVar("fastvision_fused_rotary", default=False)
 
 
 def _activation_of(act_fn) -> str | None:
-    names = {"silu": ("SiLUActivation", "SiLU"), "gelu_tanh": ("GELUTanh", "PytorchGELUTanh")}
-    for name, classes in names.items():
-        if any(isinstance(act_fn, c) for c in (getattr(activations, n, None) or getattr(nn, n, None)
-                                                for n in classes) if c is not None):  # fmt: skip
-            return name
-    return None
+    """The fused kernel's name for a transformers activation module, None for one it does not fuse."""
+    return next((name for name, classes in ACTIVATION_CLASSES.items() if type(act_fn).__name__ in classes), None)
 
 
 def _norm_forward(module, hidden_states, *, gemma: bool):
@@ -55,20 +51,6 @@ def _norm_forward(module, hidden_states, *, gemma: bool):
 
 def _gated_mlp_forward(module, x, *, activation: str):
     return module.down_proj(ops.gated_activation(module.gate_proj(x), module.up_proj(x), activation))
-
-
-def _rotary_switch(forward):
-    """An attention module's forward with the fused rotary switched on for its own calls."""
-
-    @functools.wraps(forward)
-    def wrapper(*args, **kwargs):
-        token = _fused_rotary.set(True)
-        try:
-            return forward(*args, **kwargs)
-        finally:
-            _fused_rotary.reset(token)
-
-    return wrapper
 
 
 def _gated_rotary(original):
@@ -113,7 +95,7 @@ def patch(model) -> list:
         elif name in GATED_MLP_CLASSES and (activation := _activation_of(module.act_fn)) is not None:
             module.forward = types.MethodType(functools.partial(_gated_mlp_forward, activation=activation), module)
         elif _calls_rotary(module, modeling_modules):
-            module.forward = _rotary_switch(module.forward)
+            module.forward = switched_on(_fused_rotary, module.forward)
         else:
             continue
         patched.append(module)

@@ -11,11 +11,11 @@ original function's result: the switch is a context variable set only around opt
 from __future__ import annotations
 
 import contextvars
-import functools
 
 import torch
 from transformers.models.pixtral import modeling_pixtral
 
+from optimized.patches import switched_on
 from reference.ops.attention import AttentionSpec
 
 _structured = contextvars.ContextVar("fastvision_pixtral_structured_mask", default=False)
@@ -29,24 +29,12 @@ def _generate_block_attention_mask(patch_embeds_list, tensor):
     return AttentionSpec(cu_seqlens=lengths.cumsum(0, dtype=torch.int32))
 
 
-def _structured_forward(original_forward):
-    @functools.wraps(original_forward)
-    def forward(*args, **kwargs):
-        token = _structured.set(True)
-        try:
-            return original_forward(*args, **kwargs)
-        finally:
-            _structured.reset(token)
-
-    return forward
-
-
 def patch(model) -> list:
     """Route the model's Pixtral vision towers' masks through structure; returns them (for undo)."""
     modeling_pixtral.generate_block_attention_mask = _generate_block_attention_mask  # inert unless switched on
     towers = [m for m in model.modules() if isinstance(m, modeling_pixtral.PixtralVisionModel)]
     for tower in towers:
-        tower.forward = _structured_forward(tower.forward)
+        tower.forward = switched_on(_structured, tower.forward)
     return towers
 
 
