@@ -12,6 +12,7 @@ on-disk `language_model.model` whose rename broke Unsloth's skip list, unslothai
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import pytest
@@ -140,3 +141,21 @@ def language_model(model: nn.Module, family: Family) -> nn.Module:
 
 def input_embedding(model: nn.Module, family: Family) -> nn.Module:
     return model.get_submodule(family.embed_tokens)
+
+
+@contextlib.contextmanager
+def capturing_input_embeddings(model: nn.Module, family: str):
+    """Make the language model's input embeddings a leaf that requires grad, and keep it (a list, one
+    entry per forward)."""
+    captured = []
+
+    def hook(_module, _args, output):
+        leaf = output.detach().requires_grad_(True)
+        captured.append(leaf)
+        return leaf
+
+    handle = input_embedding(model, FAMILIES[family]).register_forward_hook(hook)
+    try:
+        yield captured
+    finally:
+        handle.remove()

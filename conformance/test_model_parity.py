@@ -15,7 +15,6 @@ transformers' plain matmul-softmax attention, no backend code on its path.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import pytest
@@ -63,26 +62,9 @@ def _text_config(family: str):
     return getattr(config, "text_config", config)
 
 
-@contextlib.contextmanager
-def _capturing_input_embeddings(model, family: str):
-    """Make the language model's input embeddings a leaf that requires grad, and keep it."""
-    captured = []
-
-    def hook(_module, _args, output):
-        leaf = output.detach().requires_grad_(True)
-        captured.append(leaf)
-        return leaf
-
-    handle = families.input_embedding(model, families.FAMILIES[family]).register_forward_hook(hook)
-    try:
-        yield captured
-    finally:
-        handle.remove()
-
-
 def _logits_and_grads(model, family: str, batch, valid: torch.Tensor, *, repro: str):
     """(logits, d loss / d input embeddings) for the mean next-token cross-entropy on valid pairs."""
-    with _capturing_input_embeddings(model, family) as captured:
+    with families.capturing_input_embeddings(model, family) as captured:
         logits = model(**batch).logits
     pairs = valid[:, 1:] & valid[:, :-1]
     loss = F.cross_entropy(logits[:, :-1][pairs].float(), batch["input_ids"][:, 1:][pairs])

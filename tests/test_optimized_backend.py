@@ -14,7 +14,7 @@ if not torch.cuda.is_available():  # Triton reads this when its kernels are defi
 
 import optimized
 import reference
-from conformance import inputs, tolerances, zoo
+from conformance import families, inputs, tolerances, zoo
 from optimized import ops
 from reference.ops.attention import AttentionSpec
 from reference.ops.attention import attention as reference_attention
@@ -126,16 +126,10 @@ def fused_calls(monkeypatch):
     return counts
 
 
-def _loss_and_grads(model, batch):
+def _loss_and_grads(model, family: str, batch):
     """The training loss of `batch` and its gradient with respect to the input embeddings."""
-    embeddings = model.get_input_embeddings()
-    captured = []
-    handle = embeddings.register_forward_hook(lambda _m, _a, out: captured.append(out.detach().requires_grad_()) or
-                                              captured[-1])  # fmt: skip
-    try:
+    with families.capturing_input_embeddings(model, family) as captured:
         out = model(**batch, labels=batch["input_ids"])
-    finally:
-        handle.remove()
     out.loss.backward()
     return out.logits.detach(), out.loss.detach(), captured[0].grad
 
@@ -150,14 +144,14 @@ def test_norms_gated_mlps_rotary_and_loss_run_fused_and_match_the_reference(fuse
     model, processor = optimized.FastVisionModel.from_pretrained(str(zoo.checkpoint(family)), load_in_4bit=False)
     reference_model, _ = reference.FastVisionModel.from_pretrained(str(zoo.checkpoint(family)), load_in_4bit=False)
     batch = inputs.image_batch(processor)
-    logits, loss, grads = _loss_and_grads(model, batch)
+    logits, loss, grads = _loss_and_grads(model, family, batch)
     counts = dict(fused_calls)
     assert counts["rope"] == _text_layers(model), f"{family}: rotary ran fused {counts['rope']} times"
     assert counts["cross_entropy"] == 1, f"{family}: the loss ran fused {counts['cross_entropy']} times"
     assert counts["gated_activation"] >= _text_layers(model), f"{family}: gated MLPs fused {counts}"
     assert counts["rmsnorm"] >= 2 * _text_layers(model) + 1, f"{family}: norms fused {counts}"
 
-    want_logits, want_loss, want_grads = _loss_and_grads(reference_model, batch)
+    want_logits, want_loss, want_grads = _loss_and_grads(reference_model, family, batch)
     assert fused_calls == counts, "the reference model ran a fused kernel"
     valid = batch["attention_mask"].bool()
     bound = tolerances.MODEL_LOGITS_ATOL[torch.float32]
@@ -172,5 +166,5 @@ def test_unpatching_gives_back_transformers_own_layers(fused_calls):
     model.fastvision_unpatch()
     assert not [type(m).__name__ for m in model.modules() if "forward" in vars(m)]
     assert "_loss_function" not in vars(model)
-    _loss_and_grads(model, inputs.image_batch(processor))
+    _loss_and_grads(model, "llava", inputs.image_batch(processor))
     assert fused_calls == dict.fromkeys(FUSED, 0)
