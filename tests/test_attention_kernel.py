@@ -31,6 +31,7 @@ from optimized.kernels.attention import (  # noqa: E402
 )
 from reference.ops.attention import AttentionSpec, build_mask  # noqa: E402
 from reference.ops.attention import attention as reference_attention  # noqa: E402
+from tests.kernel_parity import error, reference_error  # noqa: E402
 
 GPU = DEVICE == "cuda"
 DTYPES = (torch.bfloat16, torch.float16) if GPU else (torch.float32, torch.float16)
@@ -80,22 +81,6 @@ class Problem:
         return q, k, v, grad.to(device=DEVICE, dtype=self.dtype)
 
 
-def _error(ours: torch.Tensor, exact: torch.Tensor) -> float:
-    """Max absolute error against the float64 oracle; NaN or inf never passes."""
-    ours = ours.detach().cpu().double()
-    if not torch.isfinite(ours).all():
-        return float("inf")
-    return (ours - exact).abs().max().item() if ours.numel() else 0.0
-
-
-def _reference_error(theirs: torch.Tensor, exact: torch.Tensor) -> float:
-    """The twin's error on its finite entries only: were SDPA to put NaN in a fully masked row's
-    gradient, an infinite reference error would make the bound vacuous; skipping it only tightens it."""
-    theirs = theirs.detach().cpu().double()
-    finite = torch.isfinite(theirs)
-    return (theirs - exact).abs()[finite].max().item() if finite.any() else 0.0
-
-
 def _with_grads(fn, q, k, v, grad):
     leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
     out = fn(*leaves)
@@ -122,7 +107,7 @@ def check_parity(problem: Problem, plan: TilePlan | None = None):
     exact_out, exact_lse = attention_oracle(q, k, v, spec)
     exact = (exact_out, *attention_oracle_grads(q, k, v, spec, grad))
     for name, mine, theirs, truth, is_grad in zip(("out", "dq", "dk", "dv"), ours, ref, exact, (0, 1, 1, 1)):
-        err, ref_err = _error(mine, truth), _reference_error(theirs, truth)
+        err, ref_err = error(mine, truth), reference_error(theirs, truth)
         bound = kernel_bound(ref_err, dtype, grad=bool(is_grad))
         assert err <= bound, f"{name}: error {err:.3e} > bound {bound:.3e} (reference {ref_err:.3e}); {problem}"
 
@@ -131,7 +116,7 @@ def check_parity(problem: Problem, plan: TilePlan | None = None):
     no_key = torch.isneginf(exact_lse)
     assert torch.equal(torch.isneginf(lse), no_key), f"lse -inf rows differ; {problem}"
     ref_lse = _reference_lse(q, k, spec).cpu().double()
-    err, ref_err = _error(lse[~no_key], exact_lse[~no_key]), _reference_error(ref_lse[~no_key], exact_lse[~no_key])
+    err, ref_err = error(lse[~no_key], exact_lse[~no_key]), reference_error(ref_lse[~no_key], exact_lse[~no_key])
     bound = kernel_bound(ref_err, dtype)
     assert err <= bound, f"lse: error {err:.3e} > bound {bound:.3e} (reference {ref_err:.3e}); {problem}"
     return (ours[0], lse, *ours[1:])

@@ -25,6 +25,7 @@ from transformers.loss.loss_utils import ForCausalLMLoss  # noqa: E402
 from conformance.tolerances import kernel_bound  # noqa: E402
 from optimized.kernels.cross_entropy import Blocks, causal_lm_loss, causal_lm_loss_with_blocks  # noqa: E402
 from reference.ops.cross_entropy import causal_lm_loss as reference_loss  # noqa: E402
+from tests.kernel_parity import error  # noqa: E402
 
 GPU = DEVICE == "cuda"
 DTYPES = (torch.bfloat16, torch.float16) if GPU else (torch.float32, torch.float16)
@@ -113,14 +114,6 @@ def _denominator(kwargs) -> float:
     return float(items)
 
 
-def _error(ours: torch.Tensor, exact: torch.Tensor) -> float:
-    """Max absolute error against the float64 oracle; NaN or inf never passes."""
-    ours = ours.detach().double()
-    if not torch.isfinite(ours).all():
-        return float("inf")
-    return (ours - exact.to(ours.device)).abs().max().item() if ours.numel() else 0.0
-
-
 def _loss_and_grad(fn, kwargs, grad_out: float):
     """The loss and d(grad_out * loss)/d(logits). The logits leaf itself is used, not a clone: a clone of
     a sliced view would be contiguous and hide the strides under test."""
@@ -155,9 +148,9 @@ def check_parity(problem: Problem, blocks: Blocks | None = None, kwargs: dict | 
     for rows, part, exact_grad in _oracle_chunks(kwargs, grad_out / denominator):
         total += part.cpu()
         for i, candidate in enumerate((grad_rows, theirs[1].reshape(-1, problem.vocab))):
-            grad_errors[i] = max(grad_errors[i], _error(candidate[rows], exact_grad))
+            grad_errors[i] = max(grad_errors[i], error(candidate[rows], exact_grad))
     exact_loss = total / denominator
-    err, ref_err = _error(ours[0], exact_loss), _error(theirs[0], exact_loss)
+    err, ref_err = error(ours[0], exact_loss), error(theirs[0], exact_loss)
     bound = kernel_bound(ref_err, problem.dtype)
     assert err <= bound, f"loss: error {err:.3e} > bound {bound:.3e} (reference {ref_err:.3e}); {problem}"
     bound = kernel_bound(grad_errors[1], problem.dtype, grad=True)
@@ -310,9 +303,8 @@ def test_wrong_label_count_raises_value_error():
         causal_lm_loss(**{**kwargs, "labels": kwargs["labels"][:, :3]})
 
 
-@pytest.mark.skipif(not GPU, reason="the dispatch-free launch path exists only for compiled kernels")
 def test_repeated_calls_are_identical():
-    """Compiled, later calls skip Triton's dispatch (`launch`): the same inputs must give the same bits."""
+    """The same inputs give the same bits; compiled, later calls also skip Triton's dispatch (`launch`)."""
     kwargs = Problem(batch=2, seq=8, vocab=1500, num_items="tensor", seed=9).inputs()
     first, second = (_loss_and_grad(causal_lm_loss, kwargs, 3.0) for _ in range(2))
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])

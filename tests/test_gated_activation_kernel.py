@@ -27,6 +27,7 @@ from conformance.tolerances import kernel_bound  # noqa: E402
 from optimized.kernels.gated_activation import gated_activation  # noqa: E402
 from reference.ops.gated_activation import activation_name  # noqa: E402
 from reference.ops.gated_activation import gated_activation as reference_gated_activation  # noqa: E402
+from tests.kernel_parity import error, reference_error  # noqa: E402
 
 GPU = DEVICE == "cuda"
 DTYPES = (torch.bfloat16, torch.float16) if GPU else (torch.float32, torch.float16)
@@ -85,22 +86,6 @@ def _run(fn, gate, up, grad, needs: str):
     return out, *(next(grads) if t.requires_grad else None for t in leaves)
 
 
-def _error(ours: torch.Tensor, exact: torch.Tensor) -> float:
-    """Max absolute error against the float64 oracle; NaN or inf never passes."""
-    ours = ours.detach().double()
-    if not torch.isfinite(ours).all():
-        return float("inf")
-    return (ours - exact).abs().max().item() if ours.numel() else 0.0
-
-
-def _reference_error(theirs: torch.Tensor, exact: torch.Tensor) -> float:
-    """The twin's error on its finite entries only (PyTorch's gelu backward is 0 * inf = NaN past |g| ~ 1e13
-    in fp32): an infinite reference error would make the bound vacuous; skipping it only tightens it."""
-    theirs = theirs.detach().double()
-    finite = torch.isfinite(theirs)
-    return (theirs - exact).abs()[finite].max().item() if finite.any() else 0.0
-
-
 def check_parity(problem: Problem, tensors=None):
     """Asserts the rule for out, dgate, dup (those asked for); returns the kernel's (out, dgate, dup)."""
     gate, up, grad = tensors if tensors is not None else problem.tensors()
@@ -114,7 +99,7 @@ def check_parity(problem: Problem, tensors=None):
         if mine is None:
             continue
         assert mine.dtype == dtype and mine.shape == gate.shape, f"{name}: {mine.dtype} {tuple(mine.shape)}"
-        err, ref_err = _error(mine, truth), _reference_error(theirs, truth)
+        err, ref_err = error(mine, truth), reference_error(theirs, truth)
         bound = kernel_bound(ref_err, dtype, grad=bool(is_grad))
         assert err <= bound, f"{name}: error {err:.3e} > bound {bound:.3e} (reference {ref_err:.3e}); {problem}"
     return ours
@@ -216,9 +201,9 @@ def test_activation_name_maps_transformers_names(hidden_act, expected):
 @pytest.mark.parametrize("fn", [gated_activation, reference_gated_activation], ids=["kernel", "twin"])
 def test_unsupported_activation_raises_value_error_naming_it(fn, activation):
     gate = torch.randn(4, device=DEVICE)
-    with pytest.raises(ValueError, match="activation") as error:
+    with pytest.raises(ValueError, match="activation") as raised:
         fn(gate, gate, activation)
-    message = str(error.value)
+    message = str(raised.value)
     assert repr(activation) in message and "'silu'" in message and "'gelu_tanh'" in message
 
 

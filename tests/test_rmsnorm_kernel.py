@@ -26,6 +26,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm  # noqa: E402
 from conformance.tolerances import kernel_bound  # noqa: E402
 from optimized.kernels.rmsnorm import MAX_COLUMNS, rms_norm  # noqa: E402
 from reference.ops.rmsnorm import rms_norm as reference_rms_norm  # noqa: E402
+from tests.kernel_parity import error  # noqa: E402
 
 GPU = DEVICE == "cuda"
 DTYPES = (torch.bfloat16, torch.float16) if GPU else (torch.float32, torch.float16)
@@ -99,14 +100,6 @@ def _run(fn, x, weight, dy, x_grad: bool, weight_grad: bool):
     return y, next(grads) if x_grad else None, next(grads) if weight_grad else None
 
 
-def _error(ours: torch.Tensor, exact: torch.Tensor) -> float:
-    """Max absolute error against the float64 oracle; NaN or inf never passes."""
-    ours = ours.detach().double()
-    if not torch.isfinite(ours).all():
-        return float("inf")
-    return (ours - exact).abs().max().item() if ours.numel() else 0.0
-
-
 def check_parity(problem: Problem):
     """Asserts the rule for y, dx, dweight (those asked for); returns the kernel's (y, dx, dweight)."""
     x, weight, dy = problem.tensors()
@@ -120,7 +113,7 @@ def check_parity(problem: Problem):
         if mine is None:
             continue
         assert mine.shape == theirs.shape and mine.dtype == theirs.dtype, f"{name} shape/dtype; {problem}"
-        err, ref_err = _error(mine, truth), _error(theirs, truth)
+        err, ref_err = error(mine, truth), error(theirs, truth)
         bound = kernel_bound(ref_err, problem.dtype, grad=name != "y")
         assert err <= bound, f"{name}: error {err:.3e} > bound {bound:.3e} (reference {ref_err:.3e}); {problem}"
     return ours

@@ -26,6 +26,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb  # noq
 from conformance.tolerances import kernel_bound  # noqa: E402
 from optimized.kernels.rope import apply_rotary  # noqa: E402
 from reference.ops.rope import apply_rotary as reference_rotary  # noqa: E402
+from tests.kernel_parity import error  # noqa: E402
 
 GPU = DEVICE == "cuda"
 DTYPES = (torch.bfloat16, torch.float16) if GPU else (torch.float32, torch.float16)
@@ -101,14 +102,6 @@ def _oracle(q, k, cos, sin, grads):
     return (*outs, *torch.autograd.grad(outs, leaves, [g.double() for g in grads]))
 
 
-def _error(ours: torch.Tensor, exact: torch.Tensor) -> float:
-    """Max absolute error against the float64 oracle; NaN or inf never passes."""
-    ours = ours.detach().double()
-    if not torch.isfinite(ours).all():
-        return float("inf")
-    return (ours - exact).abs().max().item() if ours.numel() else 0.0
-
-
 def check_parity(problem: Problem):
     """Asserts FlashAttention's rule for q_embed, k_embed, dq, dk; returns the kernel's four results."""
     q, k, cos, sin, grads = problem.tensors()
@@ -117,7 +110,7 @@ def check_parity(problem: Problem):
     exact = _oracle(q, k, cos, sin, grads)
     names = ("q_embed", "k_embed", "dq", "dk")
     for name, mine, theirs, truth, is_grad in zip(names, ours, ref, exact, (False, False, True, True)):
-        err, ref_err = _error(mine, truth), _error(theirs, truth)
+        err, ref_err = error(mine, truth), error(theirs, truth)
         bound = kernel_bound(ref_err, problem.dtype, grad=is_grad)
         assert err <= bound, f"{name}: error {err:.3e} > bound {bound:.3e} (reference {ref_err:.3e}); {problem}"
     return ours
