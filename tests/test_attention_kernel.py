@@ -98,9 +98,12 @@ def _reference_lse(q, k, spec: AttentionSpec) -> torch.Tensor:
     return torch.logsumexp(scores.masked_fill(~mask, float("-inf")), dim=-1)
 
 
-def check_parity(problem: Problem, plan: TilePlan | None = None):
-    """Asserts the rule for out, lse, dq, dk, dv; returns the kernel's (out, lse, dq, dk, dv)."""
+def check_parity(problem: Problem, plan: TilePlan | None = None, shape_inputs=None):
+    """Asserts the rule for out, lse, dq, dk, dv; returns the kernel's (out, lse, dq, dk, dv).
+    `shape_inputs(q, k, v)` may reshape the drawn N(0, 1) inputs into a harder score pattern."""
     q, k, v, grad = problem.tensors()
+    if shape_inputs is not None:
+        q, k, v = (t.to(problem.dtype) for t in shape_inputs(q.double(), k.double(), v.double()))
     spec, dtype = problem.device_spec, problem.dtype
     ours = _with_grads(lambda a, b, c: _AttentionFunction.apply(a, b, c, spec, plan), q, k, v, grad)
     ref = _with_grads(lambda a, b, c: reference_attention(a, b, c, spec), q, k, v, grad)
@@ -322,6 +325,35 @@ def test_fully_masked_rows_give_zero_output_and_grads(dtype):
     assert torch.isneginf(lse.transpose(1, 2)[empty_rows.cpu()]).all()
     for name, t in (("dk", dk), ("dv", dv)):
         assert t.transpose(1, 2)[~real.to(t.device)].eq(0).all(), f"{name} not 0 on padded keys"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_scores_rising_along_the_keys(dtype):
+    """Scores that climb 0.12 log2 units a key (q ~ 1, k ~ 0.0104 * key index, d64: q.k * scale * log2 e
+    = 11.5 * 0.0104 per key), so every key tile raises each row's running maximum and the forward must
+    rescale its sums and accumulators right (dropping one rescale fails this)."""
+    length = LONG + 5
+
+    def rising(q, k, v):
+        ramp = torch.arange(k.shape[2], dtype=k.dtype, device=k.device)[:, None] * 0.0104
+        return q * 0.25 + 1.0, k * 0.25 + ramp, v
+
+    check_parity(Problem(batch=1, q_heads=4, kv_heads=2, q_len=length, kv_len=length, head_dim=64,
+                         spec=AttentionSpec(causal=True), dtype=dtype, seed=13), shape_inputs=rising)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_very_negative_scores_after_masked_tiles(dtype):
+    """Every score near -141 (exp underflows fp32 below -103): a row whose first visited key tile is
+    wholly outside its window must still get its softmax, not be taken for a row with no key."""
+    length = LONG // 2 + 3
+
+    def far_apart(q, k, v):
+        return torch.full_like(q, 5.0), torch.full_like(k, -5.0), v
+
+    check_parity(Problem(batch=1, q_heads=2, kv_heads=1, q_len=length, kv_len=length, head_dim=32,
+                         spec=AttentionSpec(causal=True, window=length // 3), dtype=dtype, seed=17),
+                 shape_inputs=far_apart)
 
 
 def test_transposed_views_keep_their_layout():
