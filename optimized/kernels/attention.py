@@ -19,6 +19,7 @@ never repeated). A head dim that is not a power of two runs as two power-of-two 
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -727,9 +728,14 @@ PADDED_HEAD_DIMS: set[int] = set()
 def _head_split(head_dim: int) -> dict:
     """The head dim as a power-of-two main part plus a power-of-two tail (>= 16, masked past HEAD_DIM)
     where that is less work than padding: 80 = 64 + 16 and 72 = 64 + 16 (of 128 padded), 96 = 64 + 32."""
+    return _split_head(head_dim, head_dim in PADDED_HEAD_DIMS)
+
+
+@functools.cache  # three calls a forward and backward: the host time of a short vision call counts
+def _split_head(head_dim: int, padded: bool) -> dict:
     main = max(16, 1 << (head_dim.bit_length() - 1))
     tail = _block_d(head_dim - main) if head_dim > main else 0
-    if tail == 0 or main + tail >= _block_d(head_dim) or head_dim in PADDED_HEAD_DIMS:
+    if tail == 0 or main + tail >= _block_d(head_dim) or padded:
         return dict(D_MAIN=_block_d(head_dim), D_TAIL=16, SPLIT=False)  # D_TAIL sizes a placeholder
     return dict(D_MAIN=main, D_TAIL=tail, SPLIT=True)
 
@@ -844,15 +850,21 @@ def _args(q, k, spec: AttentionSpec, low: _Structure, tiles: Tiles):
     return (low.cu_seqlens, low.pad_info, low.pad_keys, low.span_ids, low.span_range), scalars, meta
 
 
+def folds_scale(spec: AttentionSpec, head_dim: int) -> bool:
+    """Whether the forward folds the scale into its exp2 FMA (see _attn_fwd_tiles): needs max(qk * scale)
+    = max(qk) * scale, so a positive scale, and raw scores (no softcap)."""
+    return spec.softcap is None and spec.resolved_scale(head_dim) > 0
+
+
 def _launch_forward(q, k, v, spec, low: _Structure, tiles: Tiles):
     batch, q_heads, q_len, _ = q.shape
     out = torch.empty_like(q)  # q's layout: a (B, S, H, D) view in gives a (B, S, H, D) buffer out
     lse = torch.empty(batch, q_heads, q_len, device=q.device, dtype=torch.float32)
     structure, scalars, meta = _args(q, k, spec, low, tiles)
     grid = (batch * q_heads, _cdiv(q_len, tiles.block_m))
-    fold_scale = spec.softcap is None and spec.resolved_scale(q.shape[-1]) > 0
     _launch(_attn_fwd_kernel, grid, q, k, v, out, lse, *structure, *_strides(q), *_strides(k), *_strides(v),
-            *_strides(out), q_heads, q_len, k.shape[2], **scalars, **meta, FOLD_SCALE=fold_scale)
+            *_strides(out), q_heads, q_len, k.shape[2], **scalars, **meta,
+            FOLD_SCALE=folds_scale(spec, q.shape[-1]))
     return out, lse
 
 

@@ -7,33 +7,41 @@ import os
 import torch
 
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
-_COMPILED: dict = {}
-_COMPILED_MAX = 4096  # one entry per distinct shape/stride set; cleared past this (variable lengths)
+_RUNNERS: dict = {}
+_RUNNERS_MAX = 4096  # one entry per distinct shape/stride/grid set; cleared past this (variable lengths)
 
 
-def launch(kernel, grid, *args, **kwargs) -> None:
+def launch(kernel, grid: tuple, *args, **kwargs) -> None:
     """kernel[grid](*args, **kwargs), launching the compiled kernel directly on later identical calls.
 
     Triton's dispatch re-derives every argument's specialization and cache key per call: ~70 us of host
     time for these ~40-argument kernels on the H100 machine (measured), more than a vision layer's whole
     forward (~60 us of GPU time), so the GPU sat idle. The key here is finer than Triton's -- every
-    argument by value, tensors by dtype and 16-byte alignment (all Triton reads of them) -- so a hit
-    always runs the kernel Triton itself would pick."""
+    argument by value, tensors by dtype and 16-byte alignment (all Triton reads of them), the grid --
+    so a hit always runs the kernel Triton itself would pick. A hit keeps the grid-bound runner and the
+    keyword values in kernel-argument order, so it builds nothing but the key.
+
+    Tensors must be passed positionally: keyword values are keyed by value."""
     if _INTERPRETED:  # the interpreter compiles nothing
         kernel[grid](*args, **kwargs)
         return
-    values = [*args, *(kwargs[name] for name in kernel.arg_names[len(args) :])]
-    key = (
-        kernel,
-        args[0].device.index,
-        kwargs.get("num_warps"),
-        kwargs.get("num_stages"),
-        *((v.dtype, v.data_ptr() % 16) if isinstance(v, torch.Tensor) else v for v in values),
-    )
-    compiled = _COMPILED.get(key)
-    if compiled is None:
-        if len(_COMPILED) >= _COMPILED_MAX:
-            _COMPILED.clear()
-        _COMPILED[key] = kernel[grid](*args, **kwargs)
+    key = (kernel, grid, args[0].get_device(), *kwargs.items(),
+           *[(a.dtype, a.data_ptr() & 15) if isinstance(a, torch.Tensor) else a for a in args])
+    hit = _RUNNERS.get(key)
+    if hit is None:
+        _RUNNERS[key] = _compile_and_run(kernel, grid, args, kwargs)
     else:
-        compiled[(grid[0], grid[1] if len(grid) > 1 else 1, 1)](*values)
+        runner, keyword_values = hit
+        runner(*args, *keyword_values)
+
+
+def _compile_and_run(kernel, grid: tuple, args: tuple, kwargs: dict):
+    """Triton's own launch (compiling on a miss); returns the runner a later hit calls."""
+    if any(isinstance(value, torch.Tensor) for value in kwargs.values()):
+        raise TypeError(f"{kernel.fn.__name__}: pass tensors positionally (keywords are keyed by value)")
+    if len(_RUNNERS) >= _RUNNERS_MAX:
+        _RUNNERS.clear()
+    compiled = kernel[grid](*args, **kwargs)
+    padded = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
+    keyword_values = tuple(kwargs[name] for name in kernel.arg_names[len(args):])
+    return compiled[padded], keyword_values
