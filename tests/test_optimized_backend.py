@@ -35,9 +35,20 @@ def kernel_calls(monkeypatch):
     return calls
 
 
+def _load(backend, family: str):
+    """The family's tiny checkpoint in float32 on the contract's default device (a GPU where there is
+    one), so the float32 bounds below hold on both machines."""
+    return backend.FastVisionModel.from_pretrained(str(zoo.checkpoint(family)), load_in_4bit=False,
+                                                   dtype=torch.float32)
+
+
+def _batch(processor, model):
+    return inputs.image_batch(processor).to(model.device)
+
+
 def _forward(backend, family):
-    model, processor = backend.FastVisionModel.from_pretrained(str(zoo.checkpoint(family)), load_in_4bit=False)
-    batch = inputs.image_batch(processor)
+    model, processor = _load(backend, family)
+    batch = _batch(processor, model)
     with torch.no_grad():
         return model, batch, model(**batch).logits
 
@@ -141,9 +152,9 @@ def _text_layers(model) -> int:
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "llava", "pixtral", "gemma3"])
 def test_norms_gated_mlps_rotary_and_loss_run_fused_and_match_the_reference(fused_calls, family):
-    model, processor = optimized.FastVisionModel.from_pretrained(str(zoo.checkpoint(family)), load_in_4bit=False)
-    reference_model, _ = reference.FastVisionModel.from_pretrained(str(zoo.checkpoint(family)), load_in_4bit=False)
-    batch = inputs.image_batch(processor)
+    model, processor = _load(optimized, family)
+    reference_model, _ = _load(reference, family)
+    batch = _batch(processor, model)
     logits, loss, grads = _loss_and_grads(model, family, batch)
     counts = dict(fused_calls)
     assert counts["rope"] == _text_layers(model), f"{family}: rotary ran fused {counts['rope']} times"
@@ -162,9 +173,9 @@ def test_norms_gated_mlps_rotary_and_loss_run_fused_and_match_the_reference(fuse
 
 
 def test_unpatching_gives_back_transformers_own_layers(fused_calls):
-    model, processor = optimized.FastVisionModel.from_pretrained(str(zoo.checkpoint("llava")), load_in_4bit=False)
+    model, processor = _load(optimized, "llava")
     model.fastvision_unpatch()
     assert not [type(m).__name__ for m in model.modules() if "forward" in vars(m)]
     assert "_loss_function" not in vars(model)
-    _loss_and_grads(model, "llava", inputs.image_batch(processor))
+    _loss_and_grads(model, "llava", _batch(processor, model))
     assert fused_calls == dict.fromkeys(FUSED, 0)
