@@ -3,7 +3,22 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
+from hypothesis import HealthCheck, settings
+
+GPU = os.environ.get("FASTVISION_DEVICE", "cpu") == "cuda"
+# Compiled on a GPU, in the 16-bit dtypes; in the interpreter, float32 and float16 (its bf16 `tl.dot` is
+# wrong, and it rounds fp32 -> bf16 toward zero).
+DTYPES = (torch.bfloat16, torch.float16) if GPU else (torch.float32, torch.float16)
+
+
+def hypothesis_settings(examples: int) -> settings:
+    """A kernel test file's hypothesis budget: `examples` per test, no deadline (compiles and the
+    interpreter are slow and uneven), no example database."""
+    return settings(max_examples=examples, deadline=None, database=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
 def error(ours: torch.Tensor, exact: torch.Tensor) -> float:

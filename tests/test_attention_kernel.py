@@ -17,7 +17,7 @@ if DEVICE == "cpu":  # must precede the first import of triton
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from conformance.oracle import attention_oracle, attention_oracle_grads  # noqa: E402
@@ -31,10 +31,8 @@ from optimized.kernels.attention import (  # noqa: E402
 )
 from reference.ops.attention import AttentionSpec, build_mask  # noqa: E402
 from reference.ops.attention import attention as reference_attention  # noqa: E402
-from tests.kernel_parity import error, reference_error  # noqa: E402
+from tests.kernel_parity import DTYPES, GPU, error, hypothesis_settings, reference_error  # noqa: E402
 
-GPU = DEVICE == "cuda"
-DTYPES = (torch.bfloat16, torch.float16) if GPU else (torch.float32, torch.float16)
 # Lengths: odd ones cross tile edges (tiles are 32 in the interpreter, 64-128 compiled).
 LENGTHS = (1, 255, 1000, 1024) if GPU else (1, 17, 63, 100, 128)
 MAX_LEN = 1024 if GPU else 128  # hypothesis' lengths; the float64 oracle on the CPU bounds them
@@ -42,8 +40,7 @@ LONG = 2048 if GPU else 96  # the named family cases' sequence length
 HEAD_DIMS = (64, 80, 128, 256) if GPU else (32, 64, 72, 80)
 # Per dtype. Interpreter examples cost ~0.3-3 s each; compiled ones a compile per new flag combination.
 EXAMPLES = 3 if GPU else 24
-SETTINGS = settings(max_examples=EXAMPLES, deadline=None, database=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+SETTINGS = hypothesis_settings(EXAMPLES)
 
 
 @dataclasses.dataclass(frozen=True)

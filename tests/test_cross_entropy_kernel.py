@@ -18,25 +18,22 @@ if DEVICE == "cpu":  # must precede the first import of triton
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from transformers.loss.loss_utils import ForCausalLMLoss  # noqa: E402
 
 from conformance.tolerances import kernel_bound  # noqa: E402
 from optimized.kernels.cross_entropy import Blocks, causal_lm_loss, causal_lm_loss_with_blocks  # noqa: E402
 from reference.ops.cross_entropy import causal_lm_loss as reference_loss  # noqa: E402
-from tests.kernel_parity import error  # noqa: E402
+from tests.kernel_parity import DTYPES, GPU, error, hypothesis_settings  # noqa: E402
 
-GPU = DEVICE == "cuda"
-DTYPES = (torch.bfloat16, torch.float16) if GPU else (torch.float32, torch.float16)
 # Vocabularies: odd ones and ones just past a block edge (1,024 columns in the interpreter, 8,192 compiled).
 VOCABS = (1, 3, 8192, 8193, 32000, 262144) if GPU else (1, 3, 1023, 1025, 4999)
 MAX_VOCAB = 65536 if GPU else 5000
 MAX_SEQ = 256 if GPU else 40
 # Per dtype. An interpreter example costs ~0.05-0.5 s (one numpy step per row and 1,024-column block).
 EXAMPLES = 6 if GPU else 30
-SETTINGS = settings(max_examples=EXAMPLES, deadline=None, database=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+SETTINGS = hypothesis_settings(EXAMPLES)
 ORACLE_ROWS = 64  # rows per float64 oracle chunk: 64 x 262,144 x 8 B = 134 MB at Gemma3's vocabulary
 
 

@@ -19,7 +19,7 @@ if DEVICE == "cpu":  # must precede the first import of triton
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from transformers.activations import ACT2FN  # noqa: E402
 
@@ -27,10 +27,8 @@ from conformance.tolerances import kernel_bound  # noqa: E402
 from optimized.kernels.gated_activation import gated_activation  # noqa: E402
 from reference.ops.gated_activation import activation_name  # noqa: E402
 from reference.ops.gated_activation import gated_activation as reference_gated_activation  # noqa: E402
-from tests.kernel_parity import error, reference_error  # noqa: E402
+from tests.kernel_parity import DTYPES, GPU, error, hypothesis_settings, reference_error  # noqa: E402
 
-GPU = DEVICE == "cuda"
-DTYPES = (torch.bfloat16, torch.float16) if GPU else (torch.float32, torch.float16)
 ACTIVATIONS = ("silu", "gelu_tanh")
 # Last-dim widths around the kernel's 1024-element block (and MLP widths on the GPU); leading dims <= 5.
 WIDTHS = (1, 1000, 3420, 11008, 14336) if GPU else (1, 7, 1023, 1024, 1025)
@@ -40,8 +38,7 @@ SIZES = ((8000, 11008), (2, 1031, 3420)) if GPU else ((5000,), (3, 17, 129))
 # Gate magnitudes: O(1), and up to 20 where sigmoid(k(g)) and gelu's tanh saturate in fp32.
 GATE_RANGES = (1.0, 6.0, 20.0)
 EXAMPLES = 10 if GPU else 60  # per dtype; an interpreter example costs ~10-100 ms
-SETTINGS = settings(max_examples=EXAMPLES, deadline=None, database=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+SETTINGS = hypothesis_settings(EXAMPLES)
 
 
 @dataclasses.dataclass(frozen=True)

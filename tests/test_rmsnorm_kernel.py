@@ -18,7 +18,7 @@ if DEVICE == "cpu":  # must precede the first import of triton
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm  # noqa: E402
 from transformers.models.llama.modeling_llama import LlamaRMSNorm  # noqa: E402
@@ -26,16 +26,13 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm  # noqa: E402
 from conformance.tolerances import kernel_bound  # noqa: E402
 from optimized.kernels.rmsnorm import MAX_COLUMNS, rms_norm  # noqa: E402
 from reference.ops.rmsnorm import rms_norm as reference_rms_norm  # noqa: E402
-from tests.kernel_parity import error  # noqa: E402
+from tests.kernel_parity import DTYPES, GPU, error, hypothesis_settings  # noqa: E402
 
-GPU = DEVICE == "cuda"
-DTYPES = (torch.bfloat16, torch.float16) if GPU else (torch.float32, torch.float16)
 MAX_ROWS = 4096 if GPU else 64  # interpreter tiles are 512 elements: 64 rows cross many tile edges
 MAX_COLS = 8192 if GPU else 300  # odd widths pad the power-of-two column block
 # Per dtype. Interpreter examples cost ~10-50 ms each; compiled ones a compile per new (BLOCK, ROWS, flags).
 EXAMPLES = 6 if GPU else 40
-SETTINGS = settings(max_examples=EXAMPLES, deadline=None, database=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+SETTINGS = hypothesis_settings(EXAMPLES)
 STYLES = {"llama": False, "gemma3": True}
 
 

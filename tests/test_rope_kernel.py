@@ -19,17 +19,15 @@ if DEVICE == "cpu":  # must precede the first import of triton
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb  # noqa: E402
 
 from conformance.tolerances import kernel_bound  # noqa: E402
 from optimized.kernels.rope import apply_rotary  # noqa: E402
 from reference.ops.rope import apply_rotary as reference_rotary  # noqa: E402
-from tests.kernel_parity import error  # noqa: E402
+from tests.kernel_parity import DTYPES, GPU, error, hypothesis_settings  # noqa: E402
 
-GPU = DEVICE == "cuda"
-DTYPES = (torch.bfloat16, torch.float16) if GPU else (torch.float32, torch.float16)
 # Bit-identity needs the dtype's real rounding: the interpreter truncates fp32 -> bf16.
 EXACT_DTYPES = (torch.float32, torch.float16, torch.bfloat16) if GPU else (torch.float32, torch.float16)
 HEAD_DIMS = (16, 32, 64, 72, 80, 128, 256)  # 72, 80: half dims 36, 40 are not powers of two
@@ -37,8 +35,7 @@ MAX_LEN = 2000 if GPU else 50  # the float64 oracle and the interpreter (~5 ms a
 # Per dtype. An interpreter example costs ~20-100 ms (forward + backward over up to 150 tokens);
 # a compiled one a compile per new shape of tiles.
 EXAMPLES = 8 if GPU else 30
-SETTINGS = settings(max_examples=EXAMPLES, deadline=None, database=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+SETTINGS = hypothesis_settings(EXAMPLES)
 
 
 @dataclasses.dataclass(frozen=True)
