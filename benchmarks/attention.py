@@ -390,8 +390,8 @@ def candidates(case: Case) -> dict:
 def _kernel_runner(x: Inputs, which: str, tiles):
     """A thunk launching one kernel of ours alone, on the lowered structure and saved lse/delta."""
     q, k, v, plan, low = kernel._prepare(x.q.detach(), x.k.detach(), x.v.detach(), x.spec, None)
-    out, lse = kernel._launch_forward(q, k, v, x.spec, low, plan.fwd)
-    _, delta = kernel._launch_dq(q, k, v, out, x.grad, lse, x.spec, low, plan.dq)
+    out, lse, _ = kernel._launch_forward(q, k, v, x.spec, low, plan.fwd)
+    _, delta, _ = kernel._launch_dq(q, k, v, out, x.grad, lse, x.spec, low, plan.dq)
     if which == "fwd":
         return lambda: kernel._launch_forward(q, k, v, x.spec, low, tiles)
     if which == "dkdv":

@@ -398,3 +398,41 @@ def test_repeated_calls_are_identical(name):
     second = _with_grads(lambda a, b, c: attention(a, b, c, spec), q, k, v, grad)
     for one, two in zip(first, second):
         assert torch.equal(one, two)
+
+
+def _launch_spy(monkeypatch) -> list:
+    """Records the kernels launched through the keyed path (`_launch`); recorded launches skip it."""
+    from optimized.kernels import attention as kernel_module
+
+    keyed = []
+    real = kernel_module._launch
+
+    def spy(kernel, grid, *args, **kwargs):
+        keyed.append(kernel.fn.__name__)
+        return real(kernel, grid, *args, **kwargs)
+
+    monkeypatch.setattr(kernel_module, "_launch", spy)
+    return keyed
+
+
+def test_a_repeated_call_signature_reuses_its_launches_on_the_new_tensors(monkeypatch):
+    """The second call has the first's shapes, strides and segment count, but other values and other
+    segment boundaries: it goes straight to the recorded launches and must still read its own tensors."""
+    keyed = _launch_spy(monkeypatch)
+    shapes = dict(batch=1, q_heads=4, kv_heads=2, q_len=LONG, kv_len=LONG, head_dim=80, layout="bshd")
+    cuts = ([0, LONG // 3, LONG // 2, LONG], [0, 5, LONG - 7, LONG])
+    first, second = (Problem(seed=21 + i, spec=AttentionSpec(cu_seqlens=torch.tensor(cut, dtype=torch.int32)),
+                             **shapes) for i, cut in enumerate(cuts))
+    check_parity(first)
+    launched_by_first = len(keyed)
+    check_parity(second)
+    # attention_forward (the lse check) is not recorded: its one forward launch is keyed
+    assert keyed[launched_by_first:] == ["_attn_fwd_kernel"]
+
+
+def test_calls_differing_only_in_scalars_are_not_mixed_up():
+    """Scale, window and causality are kernel arguments a recorded launch fixes: each must get its own."""
+    shapes = dict(batch=1, q_heads=2, kv_heads=1, q_len=LONG // 2 + 3, kv_len=LONG // 2 + 3, head_dim=64)
+    for spec in (AttentionSpec(causal=True), AttentionSpec(causal=True, scale=0.3),
+                 AttentionSpec(causal=True, window=9), AttentionSpec(), AttentionSpec(softcap=5.0)):
+        check_parity(Problem(seed=3, spec=spec, **shapes))

@@ -14,7 +14,8 @@ Function, the public `attention`. Forward is FlashAttention-2 (online softmax in
 two deterministic kernels: dQ (one program per query tile; it also writes delta = rowsum(dO * O)), then
 dK/dV (one program per key tile of a KV head, looping over the query heads of its GQA group, so K/V are
 never repeated). A head dim that is not a power of two runs as two power-of-two column parts (80 = 64 +
-16) instead of being padded. After a shape's first call, launches skip Triton's dispatch (`_launch`).
+16) instead of being padded. After a shape's first call, launches skip Triton's dispatch (`_launch`), and
+a repeated call signature goes straight to its recorded launches (`_Recorded`).
 """
 
 from __future__ import annotations
@@ -856,45 +857,53 @@ def folds_scale(spec: AttentionSpec, head_dim: int) -> bool:
     return spec.softcap is None and spec.resolved_scale(head_dim) > 0
 
 
-def _launch_forward(q, k, v, spec, low: _Structure, tiles: Tiles):
-    batch, q_heads, q_len, _ = q.shape
+def _forward_outputs(q):
     out = torch.empty_like(q)  # q's layout: a (B, S, H, D) view in gives a (B, S, H, D) buffer out
-    lse = torch.empty(batch, q_heads, q_len, device=q.device, dtype=torch.float32)
-    structure, scalars, meta = _args(q, k, spec, low, tiles)
-    grid = (batch * q_heads, _cdiv(q_len, tiles.block_m))
-    _launch(_attn_fwd_kernel, grid, q, k, v, out, lse, *structure, *_strides(q), *_strides(k), *_strides(v),
-            *_strides(out), q_heads, q_len, k.shape[2], **scalars, **meta,
-            FOLD_SCALE=folds_scale(spec, q.shape[-1]))
+    lse = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
     return out, lse
 
 
+def _launch_forward(q, k, v, spec, low: _Structure, tiles: Tiles):
+    """(out, lse, relaunch); relaunch(q, k, v, out, lse, *structure) repeats it on new tensors."""
+    batch, q_heads, q_len, _ = q.shape
+    out, lse = _forward_outputs(q)
+    structure, scalars, meta = _args(q, k, spec, low, tiles)
+    grid = (batch * q_heads, _cdiv(q_len, tiles.block_m))
+    relaunch = _launch(_attn_fwd_kernel, grid, q, k, v, out, lse, *structure, *_strides(q), *_strides(k),
+                       *_strides(v), *_strides(out), q_heads, q_len, k.shape[2], **scalars, **meta,
+                       FOLD_SCALE=folds_scale(spec, q.shape[-1]))
+    return out, lse, relaunch
+
+
 def _launch_dkdv(q, k, v, grad_out, lse, delta, spec, low: _Structure, tiles: Tiles):
+    """(dk, dv, relaunch); relaunch(q, k, v, grad_out, lse, delta, dk, dv, *structure)."""
     batch, q_heads, q_len, _ = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     structure, scalars, meta = _args(q, k, spec, low, tiles)
     grid = (batch * kv_heads, _cdiv(kv_len, tiles.block_n))
-    _launch(
+    relaunch = _launch(
         _attn_bwd_dkdv_kernel, grid,
         q, k, v, grad_out, lse, delta, dk, dv, *structure, *_strides(q), *_strides(k), *_strides(v),
         *_strides(grad_out), *_strides(dk), *_strides(dv), q_heads, kv_heads, q_len, kv_len,
         sm_scale=spec.resolved_scale(q.shape[-1]), **scalars, **meta)
-    return dk, dv
+    return dk, dv, relaunch
 
 
 def _launch_dq(q, k, v, out, grad_out, lse, spec, low: _Structure, tiles: Tiles):
-    """dQ, and delta for the dK/dV kernel, which must run after this one."""
+    """(dq, delta, relaunch): delta feeds the dK/dV kernel, which must run after this one.
+    relaunch(q, k, v, out, grad_out, lse, delta, dq, *structure)."""
     batch, q_heads, q_len, _ = q.shape
     dq = torch.empty_like(q)
     delta = torch.empty_like(lse)
     structure, scalars, meta = _args(q, k, spec, low, tiles)
     grid = (batch * q_heads, _cdiv(q_len, tiles.block_m))
-    _launch(
+    relaunch = _launch(
         _attn_bwd_dq_kernel, grid,
         q, k, v, out, grad_out, lse, delta, dq, *structure, *_strides(q), *_strides(k), *_strides(v),
         *_strides(out), *_strides(grad_out), *_strides(dq), q_heads, q_len, k.shape[2],
         sm_scale=spec.resolved_scale(q.shape[-1]), **scalars, **meta)
-    return dq, delta
+    return dq, delta, relaunch
 
 
 def _prepare(q, k, v, spec: AttentionSpec, plan: TilePlan | None):
@@ -907,7 +916,7 @@ def _prepare(q, k, v, spec: AttentionSpec, plan: TilePlan | None):
 def attention_forward(q, k, v, spec: AttentionSpec, plan: TilePlan | None = None):
     """(out (B, Hq, Sq, D), lse (B, Hq, Sq) float32, natural log, -inf on rows with no key). No autograd."""
     q, k, v, plan, low = _prepare(q, k, v, spec, plan)
-    return _launch_forward(q, k, v, spec, low, plan.fwd)
+    return _launch_forward(q, k, v, spec, low, plan.fwd)[:2]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -915,21 +924,101 @@ def attention_forward(q, k, v, spec: AttentionSpec, plan: TilePlan | None = None
 # ----------------------------------------------------------------------------------------------
 
 
+class _Recorded:
+    """The launches of one call signature (`_signature`), recorded by its first call. A vision tower
+    calls attention with the same shapes in every layer and step, and each call's GPU work can be
+    under 60 us: a later call skips validation, planning and the kernel-argument keys, and goes
+    straight to the recorded launches (see `_AttentionFunction`)."""
+
+    __slots__ = ("plan", "forward", "backward")
+
+    def __init__(self, plan: TilePlan, forward):
+        self.plan = plan
+        self.forward = forward
+        self.backward: dict = {}  # grad_out's (dtype, strides, alignment) -> (relaunch dq, relaunch dkdv)
+
+
+_RECORDED: dict = {}
+_RECORDED_MAX = 1024  # cleared past this, as launch's runners are
+
+
+def _aligned16(t: torch.Tensor) -> int:
+    return t.data_ptr() & 15
+
+
+def _signature(q, k, v, spec: AttentionSpec, plan: TilePlan | None):
+    """Everything the launches read besides tensor addresses and contents -- dtypes, shapes, strides,
+    16-byte alignment, the spec's scalars, the plan -- or None where a call needs more than launches:
+    key padding and spans launch their own kernels, and inputs with a strided head dim or a cu_seqlens
+    not int32 and contiguous on q's device are copied first."""
+    cu = spec.cu_seqlens
+    if spec.key_padding is not None or spec.span_ids is not None or spec.dense_mask is not None:
+        return None
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+        return None
+    if cu is not None:
+        if cu.dtype != torch.int32 or cu.dim() != 1 or cu.stride(0) != 1 or cu.device != q.device:
+            return None
+        cu = (cu.numel(), _aligned16(cu))
+    return (q.device, q.dtype, k.dtype, v.dtype, q.shape, k.shape, v.shape, q.stride(), k.stride(),
+            v.stride(), _aligned16(q), _aligned16(k), _aligned16(v), cu, spec.scale, spec.causal, spec.window,
+            spec.softcap, plan)
+
+
+def _record(signature, recorded: _Recorded) -> _Recorded:
+    if signature is not None:
+        if len(_RECORDED) >= _RECORDED_MAX:
+            _RECORDED.clear()
+        _RECORDED[signature] = recorded
+    return recorded
+
+
+def _structure_tensors(low: _Structure) -> tuple:
+    return low.cu_seqlens, low.pad_info, low.pad_keys, low.span_ids, low.span_range
+
+
+def _recorded_structure(spec: AttentionSpec, device) -> tuple:
+    """_structure_tensors of a spec with a signature: only cu_seqlens can be present."""
+    dummy = _placeholder(device)
+    return (dummy if spec.cu_seqlens is None else spec.cu_seqlens), dummy, dummy, dummy, dummy
+
+
 class _AttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, spec: AttentionSpec, plan: TilePlan | None):
-        q, k, v, plan, low = _prepare(q, k, v, spec, plan)
-        out, lse = _launch_forward(q, k, v, spec, low, plan.fwd)
+        signature = _signature(q, k, v, spec, plan)
+        recorded = None if signature is None else _RECORDED.get(signature)
+        low = None
+        if recorded is None:
+            q, k, v, plan, low = _prepare(q, k, v, spec, plan)
+            out, lse, relaunch = _launch_forward(q, k, v, spec, low, plan.fwd)
+            recorded = _record(signature, _Recorded(plan, relaunch))
+            structure = _structure_tensors(low)
+        else:
+            structure = _recorded_structure(spec, q.device)
+            out, lse = _forward_outputs(q)
+            recorded.forward(q, k, v, out, lse, *structure)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.spec, ctx.low, ctx.plan = spec, low, plan
+        ctx.spec, ctx.low, ctx.recorded, ctx.structure = spec, low, recorded, structure
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, out, lse = ctx.saved_tensors
         grad_out = _unit_last_stride(grad_out)
-        dq, delta = _launch_dq(q, k, v, out, grad_out, lse, ctx.spec, ctx.low, ctx.plan.dq)
-        dk, dv = _launch_dkdv(q, k, v, grad_out, lse, delta, ctx.spec, ctx.low, ctx.plan.dkdv)
+        key = (grad_out.dtype, grad_out.stride(), _aligned16(grad_out))
+        relaunches = ctx.recorded.backward.get(key)
+        if relaunches is None:
+            low = ctx.low if ctx.low is not None else _lower(ctx.spec, q.shape[0], k.shape[2], q.device)
+            plan = ctx.recorded.plan
+            dq, delta, relaunch_dq = _launch_dq(q, k, v, out, grad_out, lse, ctx.spec, low, plan.dq)
+            dk, dv, relaunch_dkdv = _launch_dkdv(q, k, v, grad_out, lse, delta, ctx.spec, low, plan.dkdv)
+            ctx.recorded.backward[key] = relaunch_dq, relaunch_dkdv
+        else:
+            dq, delta = torch.empty_like(q), torch.empty_like(lse)
+            relaunches[0](q, k, v, out, grad_out, lse, delta, dq, *ctx.structure)
+            dk, dv = torch.empty_like(k), torch.empty_like(v)
+            relaunches[1](q, k, v, grad_out, lse, delta, dk, dv, *ctx.structure)
         return dq, dk, dv, None, None
 
 

@@ -1,0 +1,56 @@
+"""The shared launcher's relaunch contract (`optimized/kernels/launch.py`), which the attention function
+keeps per call signature: on the CPU through Triton's interpreter, compiled with FASTVISION_DEVICE=cuda."""
+
+from __future__ import annotations
+
+import os
+
+DEVICE = os.environ.get("FASTVISION_DEVICE", "cpu")
+if DEVICE == "cpu":  # must precede the first import of triton
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from optimized.kernels.launch import launch  # noqa: E402
+
+
+@triton.jit
+def _scaled_copy_kernel(src, dst, n, scale, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(dst + offs, tl.load(src + offs, mask=offs < n) * scale, mask=offs < n)
+
+
+@triton.jit
+def _scaled_copy_count_first_kernel(src, n, dst, scale, BLOCK: tl.constexpr):
+    _scaled_copy_kernel(src, dst, n, scale, BLOCK)
+
+
+def _pair(seed: int, n: int = 100):
+    src = torch.randn(n, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+    return src, torch.zeros_like(src)
+
+
+def test_relaunch_runs_the_same_launch_on_new_tensors():
+    src, dst = _pair(0)
+    relaunch = launch(_scaled_copy_kernel, (2,), src, dst, src.numel(), 3.0, BLOCK=64)
+    other_src, other_dst = _pair(1)
+    relaunch(other_src, other_dst)
+    assert torch.equal(dst, src * 3.0)
+    assert torch.equal(other_dst, other_src * 3.0)
+
+
+def test_relaunch_needs_every_leading_tensor():
+    src, dst = _pair(2)
+    relaunch = launch(_scaled_copy_kernel, (2,), src, dst, src.numel(), 1.0, BLOCK=64)
+    with pytest.raises(TypeError, match="2 leading tensor arguments, got 1"):
+        relaunch(src)
+
+
+def test_no_relaunch_where_a_tensor_follows_a_scalar():
+    """Such a tensor would sit in the recorded arguments: a relaunch would keep writing to it."""
+    src, dst = _pair(3)
+    assert launch(_scaled_copy_count_first_kernel, (2,), src, src.numel(), dst, 2.0, BLOCK=64) is None
+    assert torch.equal(dst, src * 2.0)  # the launch itself ran
