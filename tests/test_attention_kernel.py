@@ -401,17 +401,18 @@ def test_repeated_calls_are_identical(name):
 
 
 def _launch_spy(monkeypatch) -> list:
-    """Records the kernels launched through the keyed path (`_launch`); recorded launches skip it."""
+    """Records the attention kernels launched through the keyed path (`_launch_bound`); recorded launches
+    skip it."""
     from optimized.kernels import attention as kernel_module
 
     keyed = []
-    real = kernel_module._launch
+    real = kernel_module._launch_bound
 
     def spy(kernel, grid, *args, **kwargs):
         keyed.append(kernel.fn.__name__)
         return real(kernel, grid, *args, **kwargs)
 
-    monkeypatch.setattr(kernel_module, "_launch", spy)
+    monkeypatch.setattr(kernel_module, "_launch_bound", spy)
     return keyed
 
 

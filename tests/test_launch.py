@@ -14,7 +14,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from optimized.kernels.launch import launch  # noqa: E402
+from optimized.kernels.launch import launch_bound  # noqa: E402
 
 
 @triton.jit
@@ -35,7 +35,7 @@ def _pair(seed: int, n: int = 100):
 
 def test_relaunch_runs_the_same_launch_on_new_tensors():
     src, dst = _pair(0)
-    relaunch = launch(_scaled_copy_kernel, (2,), src, dst, src.numel(), 3.0, BLOCK=64)
+    relaunch = launch_bound(_scaled_copy_kernel, (2,), src, dst, src.numel(), 3.0, BLOCK=64)
     other_src, other_dst = _pair(1)
     relaunch(other_src, other_dst)
     assert torch.equal(dst, src * 3.0)
@@ -44,7 +44,7 @@ def test_relaunch_runs_the_same_launch_on_new_tensors():
 
 def test_relaunch_needs_every_leading_tensor():
     src, dst = _pair(2)
-    relaunch = launch(_scaled_copy_kernel, (2,), src, dst, src.numel(), 1.0, BLOCK=64)
+    relaunch = launch_bound(_scaled_copy_kernel, (2,), src, dst, src.numel(), 1.0, BLOCK=64)
     with pytest.raises(TypeError, match="2 leading tensor arguments, got 1"):
         relaunch(src)
 
@@ -52,5 +52,5 @@ def test_relaunch_needs_every_leading_tensor():
 def test_no_relaunch_where_a_tensor_follows_a_scalar():
     """Such a tensor would sit in the recorded arguments: a relaunch would keep writing to it."""
     src, dst = _pair(3)
-    assert launch(_scaled_copy_count_first_kernel, (2,), src, src.numel(), dst, 2.0, BLOCK=64) is None
+    assert launch_bound(_scaled_copy_count_first_kernel, (2,), src, src.numel(), dst, 2.0, BLOCK=64) is None
     assert torch.equal(dst, src * 2.0)  # the launch itself ran

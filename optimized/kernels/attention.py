@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from optimized.kernels.launch import launch as _launch
+from optimized.kernels.launch import launch_bound as _launch_bound
 from reference.ops.attention import AttentionSpec
 
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x * LOG2E): exp2 is the native instruction (MUFU.EX2)
@@ -869,9 +870,9 @@ def _launch_forward(q, k, v, spec, low: _Structure, tiles: Tiles):
     out, lse = _forward_outputs(q)
     structure, scalars, meta = _args(q, k, spec, low, tiles)
     grid = (batch * q_heads, _cdiv(q_len, tiles.block_m))
-    relaunch = _launch(_attn_fwd_kernel, grid, q, k, v, out, lse, *structure, *_strides(q), *_strides(k),
-                       *_strides(v), *_strides(out), q_heads, q_len, k.shape[2], **scalars, **meta,
-                       FOLD_SCALE=folds_scale(spec, q.shape[-1]))
+    relaunch = _launch_bound(
+        _attn_fwd_kernel, grid, q, k, v, out, lse, *structure, *_strides(q), *_strides(k), *_strides(v),
+        *_strides(out), q_heads, q_len, k.shape[2], **scalars, **meta, FOLD_SCALE=folds_scale(spec, q.shape[-1]))
     return out, lse, relaunch
 
 
@@ -882,7 +883,7 @@ def _launch_dkdv(q, k, v, grad_out, lse, delta, spec, low: _Structure, tiles: Ti
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     structure, scalars, meta = _args(q, k, spec, low, tiles)
     grid = (batch * kv_heads, _cdiv(kv_len, tiles.block_n))
-    relaunch = _launch(
+    relaunch = _launch_bound(
         _attn_bwd_dkdv_kernel, grid,
         q, k, v, grad_out, lse, delta, dk, dv, *structure, *_strides(q), *_strides(k), *_strides(v),
         *_strides(grad_out), *_strides(dk), *_strides(dv), q_heads, kv_heads, q_len, kv_len,
@@ -898,7 +899,7 @@ def _launch_dq(q, k, v, out, grad_out, lse, spec, low: _Structure, tiles: Tiles)
     delta = torch.empty_like(lse)
     structure, scalars, meta = _args(q, k, spec, low, tiles)
     grid = (batch * q_heads, _cdiv(q_len, tiles.block_m))
-    relaunch = _launch(
+    relaunch = _launch_bound(
         _attn_bwd_dq_kernel, grid,
         q, k, v, out, grad_out, lse, delta, dq, *structure, *_strides(q), *_strides(k), *_strides(v),
         *_strides(out), *_strides(grad_out), *_strides(dq), q_heads, q_len, k.shape[2],

@@ -11,10 +11,10 @@ _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _RUNNERS: dict = {}
 _RUNNERS_MAX = 4096  # one entry per distinct shape/stride/grid set; cleared past this (variable lengths)
 
-Relaunch = Callable[..., None]  # relaunch(*leading_tensors): the same launch on other tensors
+Relaunch = Callable[..., None]  # relaunch(*leading_tensors): the same launch on other tensors (launch_bound)
 
 
-def launch(kernel, grid: tuple, *args, **kwargs) -> Relaunch | None:
+def launch(kernel, grid: tuple, *args, **kwargs) -> None:
     """kernel[grid](*args, **kwargs), launching the compiled kernel directly on later identical calls.
 
     Triton's dispatch re-derives every argument's specialization and cache key per call: ~70 us of host
@@ -24,35 +24,19 @@ def launch(kernel, grid: tuple, *args, **kwargs) -> Relaunch | None:
     so a hit always runs the kernel Triton itself would pick. A hit keeps the grid-bound runner and the
     keyword values in kernel-argument order, so it builds nothing but the key.
 
-    Returns a relaunch: given new tensors for the leading tensor arguments, it launches the same kernel
-    with every other argument unchanged, building no key at all. A caller that has checked the new
-    tensors match the old in dtype, 16-byte alignment and anything else it passed (strides, sizes) can
-    keep it per call signature; it holds no tensor. None where a tensor follows a non-tensor argument.
     Tensors must be passed positionally: keyword values are keyed by value."""
+    _run(kernel, grid, args, kwargs)
+
+
+def launch_bound(kernel, grid: tuple, *args, **kwargs) -> Relaunch | None:
+    """launch(), returning a relaunch: given new tensors for the leading tensor arguments, it launches
+    the same kernel with every other argument unchanged, building no key at all. A caller that has
+    checked the new tensors match the old in dtype, 16-byte alignment and anything else it passed
+    (strides, sizes) can keep it per call signature; it holds no tensor. None where a tensor follows a
+    non-tensor argument."""
+    run, keyword_values = _run(kernel, grid, args, kwargs)
     n_tensors = _leading_tensors(args)
-    tail = args[n_tensors:]
-    if _INTERPRETED:  # the interpreter compiles nothing
-        kernel[grid](*args, **kwargs)
-        return _relaunch(lambda *a: kernel[grid](*a, **kwargs), n_tensors, tail)
-    key = (kernel, grid, args[0].get_device(), *kwargs.items(),
-           *[(a.dtype, a.data_ptr() & 15) if isinstance(a, torch.Tensor) else a for a in args])
-    hit = _RUNNERS.get(key)
-    if hit is None:
-        hit = _RUNNERS[key] = _compile_and_run(kernel, grid, args, kwargs)
-    else:
-        runner, keyword_values = hit
-        runner(*args, *keyword_values)
-    return _relaunch(hit[0], n_tensors, (*tail, *hit[1]))
-
-
-def _leading_tensors(args: tuple) -> int:
-    count = 0
-    while count < len(args) and isinstance(args[count], torch.Tensor):
-        count += 1
-    return count
-
-
-def _relaunch(run, n_tensors: int, tail: tuple) -> Relaunch | None:
+    tail = (*args[n_tensors:], *keyword_values)
     if any(isinstance(a, torch.Tensor) for a in tail):
         return None
 
@@ -62,6 +46,29 @@ def _relaunch(run, n_tensors: int, tail: tuple) -> Relaunch | None:
         run(*tensors, *tail)
 
     return relaunch
+
+
+def _run(kernel, grid: tuple, args: tuple, kwargs: dict):
+    """Launches; returns (a runner taking every argument positionally, the keyword values in order)."""
+    if _INTERPRETED:  # the interpreter compiles nothing
+        kernel[grid](*args, **kwargs)
+        return kernel[grid], tuple(kwargs[name] for name in kernel.arg_names[len(args):])
+    key = (kernel, grid, args[0].get_device(), *kwargs.items(),
+           *[(a.dtype, a.data_ptr() & 15) if isinstance(a, torch.Tensor) else a for a in args])
+    hit = _RUNNERS.get(key)
+    if hit is None:
+        hit = _RUNNERS[key] = _compile_and_run(kernel, grid, args, kwargs)
+    else:
+        runner, keyword_values = hit
+        runner(*args, *keyword_values)
+    return hit
+
+
+def _leading_tensors(args: tuple) -> int:
+    count = 0
+    while count < len(args) and isinstance(args[count], torch.Tensor):
+        count += 1
+    return count
 
 
 def _compile_and_run(kernel, grid: tuple, args: tuple, kwargs: dict):
