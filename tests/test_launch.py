@@ -13,6 +13,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
+from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: E402
 
 from optimized.kernels.launch import launch_bound  # noqa: E402
 
@@ -26,6 +27,12 @@ def _scaled_copy_kernel(src, dst, n, scale, BLOCK: tl.constexpr):
 @triton.jit
 def _scaled_copy_count_first_kernel(src, n, dst, scale, BLOCK: tl.constexpr):
     _scaled_copy_kernel(src, dst, n, scale, BLOCK)
+
+
+@triton.jit
+def _descriptor_copy_kernel(src_desc, dst, COLS: tl.constexpr, ROWS: tl.constexpr):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    tl.store(dst + rows[:, None] * COLS + tl.arange(0, COLS)[None, :], src_desc.load([tl.program_id(0) * ROWS, 0]))
 
 
 def _pair(seed: int, n: int = 100):
@@ -54,3 +61,15 @@ def test_no_relaunch_where_a_tensor_follows_a_scalar():
     src, dst = _pair(3)
     assert launch_bound(_scaled_copy_count_first_kernel, (2,), src, src.numel(), dst, 2.0, BLOCK=64) is None
     assert torch.equal(dst, src * 2.0)  # the launch itself ran
+
+
+def test_tma_descriptors_lead_like_tensors():
+    """The dense attention forward passes q, k, v as TMA descriptors: a relaunch takes new ones in their
+    place and reads the new tensors through them."""
+    src, other = (torch.randn(64, 16, generator=torch.Generator().manual_seed(s)).to(DEVICE) for s in (4, 5))
+    dst, other_dst = torch.zeros_like(src), torch.zeros_like(other)
+    relaunch = launch_bound(_descriptor_copy_kernel, (4,), TensorDescriptor.from_tensor(src, [16, 16]), dst,
+                            COLS=16, ROWS=16)
+    relaunch(TensorDescriptor.from_tensor(other, [16, 16]), other_dst)
+    assert torch.equal(dst, src)
+    assert torch.equal(other_dst, other)

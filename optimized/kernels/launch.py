@@ -6,8 +6,10 @@ import os
 from collections.abc import Callable
 
 import torch
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_ARRAYS = (torch.Tensor, TensorDescriptor)  # what a relaunch replaces; never keyed by value
 _RUNNERS: dict = {}
 _RUNNERS_MAX = 4096  # one entry per distinct shape/stride/grid set; cleared past this (variable lengths)
 
@@ -24,20 +26,20 @@ def launch(kernel, grid: tuple, *args, **kwargs) -> None:
     so a hit always runs the kernel Triton itself would pick. A hit keeps the grid-bound runner and the
     keyword values in kernel-argument order, so it builds nothing but the key.
 
-    Tensors must be passed positionally: keyword values are keyed by value."""
+    Tensors and TMA descriptors must be passed positionally: keyword values are keyed by value."""
     _run(kernel, grid, args, kwargs)
 
 
 def launch_bound(kernel, grid: tuple, *args, **kwargs) -> Relaunch | None:
-    """launch(), returning a relaunch: given new tensors for the leading tensor arguments, it launches
-    the same kernel with every other argument unchanged, building no key at all. A caller that has
-    checked the new tensors match the old in dtype, 16-byte alignment and anything else it passed
-    (strides, sizes) can keep it per call signature; it holds no tensor. None where a tensor follows a
-    non-tensor argument."""
+    """launch(), returning a relaunch: given new tensors (or TMA descriptors) for the leading tensor
+    arguments, it launches the same kernel with every other argument unchanged, building no key at all.
+    A caller that has checked the new tensors match the old in dtype, 16-byte alignment and anything
+    else it passed (strides, sizes) can keep it per call signature; it holds no tensor. None where a
+    tensor follows a non-tensor argument."""
     run, keyword_values = _run(kernel, grid, args, kwargs)
     n_tensors = _leading_tensors(args)
     tail = (*args[n_tensors:], *keyword_values)
-    if any(isinstance(a, torch.Tensor) for a in tail):
+    if any(isinstance(a, _ARRAYS) for a in tail):
         return None
 
     def relaunch(*tensors):
@@ -53,8 +55,7 @@ def _run(kernel, grid: tuple, args: tuple, kwargs: dict):
     if _INTERPRETED:  # the interpreter compiles nothing
         kernel[grid](*args, **kwargs)
         return kernel[grid], tuple(kwargs[name] for name in kernel.arg_names[len(args):])
-    key = (kernel, grid, args[0].get_device(), *kwargs.items(),
-           *[(a.dtype, a.data_ptr() & 15) if isinstance(a, torch.Tensor) else a for a in args])
+    key = (kernel, grid, _device(args[0]), *kwargs.items(), *map(_arg_key, args))
     hit = _RUNNERS.get(key)
     if hit is None:
         hit = _RUNNERS[key] = _compile_and_run(kernel, grid, args, kwargs)
@@ -64,16 +65,31 @@ def _run(kernel, grid: tuple, args: tuple, kwargs: dict):
     return hit
 
 
+def _arg_key(arg):
+    """What Triton reads of an argument besides a tensor's address: dtype and 16-byte alignment; for a TMA
+    descriptor also its shape, strides and block (the launcher builds the hardware descriptor from them)."""
+    if isinstance(arg, torch.Tensor):
+        return arg.dtype, arg.data_ptr() & 15
+    if isinstance(arg, TensorDescriptor):
+        return (arg.base.dtype, arg.base.data_ptr() & 15, tuple(arg.shape), tuple(arg.strides),
+                tuple(arg.block_shape), arg.padding)
+    return arg
+
+
+def _device(arg) -> int:
+    return (arg.base if isinstance(arg, TensorDescriptor) else arg).get_device()
+
+
 def _leading_tensors(args: tuple) -> int:
     count = 0
-    while count < len(args) and isinstance(args[count], torch.Tensor):
+    while count < len(args) and isinstance(args[count], _ARRAYS):
         count += 1
     return count
 
 
 def _compile_and_run(kernel, grid: tuple, args: tuple, kwargs: dict):
     """Triton's own launch (compiling on a miss); returns the runner a later hit calls."""
-    if any(isinstance(value, torch.Tensor) for value in kwargs.values()):
+    if any(isinstance(value, _ARRAYS) for value in kwargs.values()):
         raise TypeError(f"{kernel.fn.__name__}: pass tensors positionally (keywords are keyed by value)")
     if len(_RUNNERS) >= _RUNNERS_MAX:
         _RUNNERS.clear()
