@@ -437,3 +437,51 @@ def test_calls_differing_only_in_scalars_are_not_mixed_up():
     for spec in (AttentionSpec(causal=True), AttentionSpec(causal=True, scale=0.3),
                  AttentionSpec(causal=True, window=9), AttentionSpec(), AttentionSpec(softcap=5.0)):
         check_parity(Problem(seed=3, spec=spec, **shapes))
+
+
+def test_a_repeated_dense_call_reuses_its_launches_on_the_new_tensors(monkeypatch):
+    """As above for a dense spec, whose forward reads q, k, v through TMA descriptors: the recorded
+    launch must build them on the second call's tensors, not reuse the first call's."""
+    keyed = _launch_spy(monkeypatch)
+    shapes = dict(batch=2, q_heads=4, kv_heads=2, q_len=LONG - 5, kv_len=LONG, head_dim=64, layout="bshd")
+    first, second = (Problem(seed=31 + i, spec=AttentionSpec(causal=True), **shapes) for i in range(2))
+    check_parity(first)
+    launched_by_first = len(keyed)
+    check_parity(second)
+    assert keyed[launched_by_first:] == ["_attn_fwd_dense_kernel"]
+
+
+@pytest.mark.parametrize("by_head", [True, False], ids=["by_head", "by_tile"])
+def test_both_tile_orders_cover_every_query_tile(monkeypatch, by_head):
+    """A GPU picks _tile_order's order by grid size; either must visit every (head, query tile) once, in
+    the dense forward, the general forward and dQ (key padding takes the general kernels)."""
+    from optimized.kernels import attention as kernel_module
+
+    monkeypatch.setattr(kernel_module, "_by_head", lambda *args: by_head)
+    monkeypatch.setattr(kernel_module, "_RECORDED", {})  # a recorded launch would keep the other order
+    length = LONG + 7
+    padding = torch.ones(2, length, dtype=torch.bool)
+    padding[1, :5] = False
+    for spec in (AttentionSpec(causal=True), AttentionSpec(causal=True, key_padding=padding)):
+        check_parity(Problem(batch=2, q_heads=4, kv_heads=2, q_len=length, kv_len=length, head_dim=64, spec=spec,
+                             seed=5))
+
+
+def test_only_dense_specs_on_tma_readable_tensors_take_the_dense_kernel():
+    """The dense forward has no mask structure: anything beyond causal or full must take the general one."""
+    from optimized.kernels.attention import uses_dense_kernel
+
+    dtype = DTYPES[-1]
+    q = torch.randn(1, 4, 40, 64, device=DEVICE, dtype=dtype)
+    kv = torch.randn(1, 2, 48, 64, device=DEVICE, dtype=dtype)
+    assert uses_dense_kernel(q, kv, kv, AttentionSpec(causal=True))
+    assert uses_dense_kernel(q, kv, kv, AttentionSpec(scale=0.2))
+    for spec in (AttentionSpec(causal=True, window=8), AttentionSpec(softcap=30.0), AttentionSpec(scale=-0.1),
+                 AttentionSpec(key_padding=torch.ones(1, 48, dtype=torch.bool, device=DEVICE)),
+                 AttentionSpec(causal=True, span_ids=torch.zeros(1, 48, dtype=torch.int64, device=DEVICE)),
+                 AttentionSpec(cu_seqlens=torch.tensor([0, 20, 48], dtype=torch.int32, device=DEVICE))):
+        assert not uses_dense_kernel(q, kv, kv, spec), spec
+    odd_dim = torch.randn(1, 4, 40, 80, device=DEVICE, dtype=dtype)  # runs as 64 + 16 columns
+    assert not uses_dense_kernel(odd_dim, odd_dim[:, :2], odd_dim[:, :2], AttentionSpec(causal=True))
+    unaligned = torch.randn(4 * 40 * 64 + 1, device=DEVICE, dtype=dtype)[1:].view(1, 4, 40, 64)
+    assert not uses_dense_kernel(unaligned, kv, kv, AttentionSpec(causal=True))

@@ -23,6 +23,7 @@ import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from optimized.kernels import attention as kernels
 from reference.ops.attention import AttentionSpec
@@ -43,18 +44,23 @@ def _signature(kernel, args, kwargs) -> tuple[dict, dict]:
             signature[param.name], constants[param.name] = "constexpr", value
         elif isinstance(value, torch.Tensor):
             signature[param.name] = POINTER_TYPES[value.dtype]
+        elif isinstance(value, TensorDescriptor):
+            element = POINTER_TYPES[value.base.dtype].lstrip("*")
+            signature[param.name] = f"tensordesc<{element}[{','.join(map(str, value.block_shape))}]>"
         else:
             signature[param.name] = {bool: "i1", int: "i32", float: "fp32"}[type(value)]
     return signature, constants
 
 
 def _calls(dtype: torch.dtype, head_dim: int) -> dict:
-    """The three kernels' launches for a causal call in `dtype` at `head_dim`, on the GPU plan, not run."""
+    """The three kernels' launches for a causal call in `dtype` at `head_dim`, on the GPU plan, not run
+    (the forward is the dense kernel where uses_dense_kernel says so)."""
     calls = {}
     kernels._launch_bound = lambda kernel, grid, *a, **kw: calls.setdefault(kernel, (a, kw))  # a child process
     q = torch.randn(1, 2, 64, head_dim, dtype=dtype)
     spec = AttentionSpec(causal=True)
-    plan = kernels.default_plan(head_dim, torch.device("cuda"), spec, 64, dtype)
+    dense = kernels.uses_dense_kernel(q, q, q, spec)
+    plan = kernels.default_plan(head_dim, torch.device("cuda"), spec, 64, dtype, dense)
     low = kernels._lower(spec, 1, 64, q.device)
     lse = torch.zeros(1, 2, 64)
     kernels._launch_forward(q, q, q, spec, low, plan.fwd)
@@ -75,18 +81,24 @@ def shared_memory_per_kernel(dtype: torch.dtype, head_dim: int) -> dict:
     return found
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_every_kernel_fits_the_h100_shared_memory_at_d256(dtype):
+def _compiled_in_child(dtype: str, head_dim: int) -> dict:
     root = Path(__file__).resolve().parents[1]
     path = os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])
     env = os.environ | {"TRITON_INTERPRET": "0", "PYTHONPATH": path}
-    child = subprocess.run([sys.executable, __file__, dtype, "256"], env=env, capture_output=True, text=True,
-                           timeout=900, check=False)  # fmt: skip
+    child = subprocess.run([sys.executable, __file__, dtype, str(head_dim)], env=env, capture_output=True,
+                           text=True, timeout=900, check=False)  # fmt: skip
     assert child.returncode == 0, child.stderr[-3000:]
-    shared = json.loads(child.stdout.strip().splitlines()[-1])
-    assert len(shared) == 3, shared
+    return json.loads(child.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("dtype, head_dim", [("float32", 256), ("bfloat16", 256), ("bfloat16", 128)])
+def test_every_kernel_fits_the_h100_shared_memory(dtype, head_dim):
+    """d256 is the general kernels' widest head dim, d128 the dense forward's (TMA tiles, 4 warps)."""
+    shared = _compiled_in_child(dtype, head_dim)
+    forward = "_attn_fwd_dense_kernel" if (dtype, head_dim) == ("bfloat16", 128) else "_attn_fwd_kernel"
+    assert set(shared) == {forward, "_attn_bwd_dq_kernel", "_attn_bwd_dkdv_kernel"}, shared
     too_big = {name: size for name, size in shared.items() if size > H100_SHARED_MEMORY}
-    assert not too_big, f"{dtype} at d256 needs more than the H100's {H100_SHARED_MEMORY} B: {too_big}"
+    assert not too_big, f"{dtype} at d{head_dim} needs more than the H100's {H100_SHARED_MEMORY} B: {too_big}"
 
 
 if __name__ == "__main__":
