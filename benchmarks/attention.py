@@ -523,7 +523,8 @@ def compiled_report() -> list[dict]:
     """Registers, spills, shared memory and wgmma count of every compiled variant of our kernels: what
     the compiler made of each plan (best effort: these are Triton internals)."""
     found = []
-    for fn in (kernel._attn_fwd_kernel, kernel._attn_bwd_dkdv_kernel, kernel._attn_bwd_dq_kernel):
+    for fn in (kernel._attn_fwd_kernel, kernel._attn_fwd_dense_kernel, kernel._attn_bwd_dkdv_kernel,
+               kernel._attn_bwd_dq_kernel):
         for caches in getattr(fn, "device_caches", {}).values():
             for compiled in caches[0].values():
                 try:
@@ -540,8 +541,10 @@ def compiled_report() -> list[dict]:
 
 
 def _plan_dict(x: Inputs, plan) -> dict:
-    plan = plan or kernel.default_plan(x.case.head_dim, x.q.device, x.spec, x.case.seq)
-    return {name: list(tiles) for name, tiles in plan._asdict().items()}
+    """The plan the kernels ran: the given one, else the default _prepare picks (dense or not)."""
+    dense = kernel.uses_dense_kernel(x.q, x.k, x.v, x.spec)
+    plan = plan or kernel.default_plan(x.case.head_dim, x.q.device, x.spec, x.case.seq, x.q.dtype, dense)
+    return {name: list(tiles) for name, tiles in plan._asdict().items()} | {"dense_forward": dense}
 
 
 if __name__ == "__main__":
