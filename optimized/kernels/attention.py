@@ -307,6 +307,31 @@ def _key_info(span_row, pad_row, offs_n, Sk, HAS_SPANS: tl.constexpr, HAS_PADDIN
 
 
 @triton.jit
+def _softmax_step(s, m_i, l_i, qk_scale, MASKED: tl.constexpr, FOLD_SCALE: tl.constexpr):
+    """One key tile of the online softmax: (p, alpha, m, l) from the tile's scores s (raw q.k when
+    FOLD_SCALE, else already in log2 units) and the running max m_i and sum l_i; the caller rescales its
+    accumulator by alpha and adds p @ v.
+
+    A row whose keys so far are all masked keeps m = -inf (alpha 1), and subtracts 0 instead: every p is
+    0. (Setting m = 0 there would underflow every later p of a row whose scores are < -103.)"""
+    if FOLD_SCALE:
+        m_tile = tl.max(s, 1) * qk_scale
+    else:
+        m_tile = tl.max(s, 1)
+    m_new = tl.maximum(m_i, m_tile)
+    alpha = tl.math.exp2(m_i - m_new)
+    m_sub = m_new
+    if MASKED:
+        alpha = tl.where(m_new == float("-inf"), 1.0, alpha)
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+    if FOLD_SCALE:
+        p = tl.math.exp2(s * qk_scale - m_sub[:, None])
+    else:
+        p = tl.math.exp2(s - m_sub[:, None])
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
 def _attn_fwd_tiles(
     acc, acc_tail, l_i, m_i, q, q_tail, k_base, v_base, stride_kn, stride_vn, start, end,
     pos, lo, hi, q_span, span_row, pad_row, Sk, qk_scale, cap_in, cap_out,
@@ -337,24 +362,7 @@ def _attn_fwd_tiles(
             ok = _allowed(offs_n[None, :], pos[:, None], lo[:, None], hi[:, None], q_span[:, None],
                           k_span[None, :], k_real[None, :], CAUSAL, HAS_SPANS, HAS_PADDING)
             s = tl.where(ok, s, float("-inf"))
-        if FOLD_SCALE:
-            m_tile = tl.max(s, 1) * qk_scale
-        else:
-            m_tile = tl.max(s, 1)
-        m_new = tl.maximum(m_i, m_tile)
-        # A row whose keys so far are all masked keeps m = -inf (alpha 1), and subtracts 0 instead: every
-        # p is 0. (Setting m = 0 there would underflow every later p of a row whose scores are < -103.)
-        alpha = tl.math.exp2(m_i - m_new)
-        m_sub = m_new
-        if MASKED:
-            alpha = tl.where(m_new == float("-inf"), 1.0, alpha)
-            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-        m_i = m_new
-        if FOLD_SCALE:
-            p = tl.math.exp2(s * qk_scale - m_sub[:, None])
-        else:
-            p = tl.math.exp2(s - m_sub[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, qk_scale, MASKED, FOLD_SCALE)
         v, v_tail = _load_head(v_base, offs_n, stride_vn, Sk, MASKED, HEAD_DIM, D_MAIN, D_TAIL, SPLIT)
         acc, acc_tail = _dot_acc(p, v, v_tail, acc * alpha[:, None], acc_tail * alpha[:, None], SPLIT,
                                  DOT_PRECISION)
@@ -437,16 +445,8 @@ def _dense_fwd_tiles(acc, l_i, m_i, q, desc_k, desc_v, b, kvh, start, end, first
             if CAUSAL:
                 ok = ok & (keys[None, :] <= pos[:, None])
             qk = tl.where(ok, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        alpha = tl.math.exp2(m_i - m_new)
-        m_sub = m_new
-        if MASKED:  # a row with no key yet keeps m = -inf, as in _attn_fwd_tiles
-            alpha = tl.where(m_new == float("-inf"), 1.0, alpha)
-            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(qk * qk_scale - m_sub[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, alpha, m_i, l_i = _softmax_step(qk, m_i, l_i, qk_scale, MASKED, True)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
-        m_i = m_new
     return acc, l_i, m_i
 
 
@@ -984,21 +984,23 @@ def _by_head(spec: AttentionSpec, programs: int, device: torch.device) -> bool:
 
 
 def _tma_readable(t: torch.Tensor) -> bool:
-    """TMA reads a tensor in place from a 16-byte aligned base with 16-byte multiple strides."""
+    """TMA reads a tensor in place from a 16-byte aligned base, a unit last stride and 16-byte multiple
+    other strides."""
     size = t.element_size()
-    return t.numel() > 0 and t.data_ptr() % 16 == 0 and all(s * size % 16 == 0 for s in t.stride()[:-1])
+    return (t.numel() > 0 and t.data_ptr() % 16 == 0 and t.stride(-1) == 1
+            and all(s * size % 16 == 0 for s in t.stride()[:-1]))
 
 
 def uses_dense_kernel(q, k, v, spec: AttentionSpec) -> bool:
     """Whether the forward runs _attn_fwd_dense_kernel: a causal or full spec with a positive scale and
     nothing else, a head dim of _DENSE_HEAD_DIMS, 16-bit inputs on a GPU (fp32 too in the interpreter, for
-    the CPU tests) and q, k, v that TMA can read with unit-stride head dims."""
+    the CPU tests) and q, k, v that TMA can read in place."""
     if (spec.window is not None or spec.cu_seqlens is not None or spec.key_padding is not None
             or spec.span_ids is not None or spec.dense_mask is not None or not folds_scale(spec, q.shape[-1])):
         return False
     dtypes = (torch.float16, torch.bfloat16) if q.is_cuda else (torch.float16, torch.bfloat16, torch.float32)
     return (q.shape[-1] in _DENSE_HEAD_DIMS and q.dtype in dtypes
-            and all(t.stride(-1) == 1 and _tma_readable(t) for t in (q, k, v)))
+            and all(_tma_readable(t) for t in (q, k, v)))
 
 
 def _tma_heads(t: torch.Tensor, rows: int) -> TensorDescriptor:
