@@ -4,6 +4,7 @@ keeps per call signature: on the CPU through Triton's interpreter, compiled with
 from __future__ import annotations
 
 import os
+import threading
 
 DEVICE = os.environ.get("FASTVISION_DEVICE", "cpu")
 if DEVICE == "cpu":  # must precede the first import of triton
@@ -73,3 +74,31 @@ def test_tma_descriptors_lead_like_tensors():
     relaunch(TensorDescriptor.from_tensor(other, [16, 16]), other_dst)
     assert torch.equal(dst, src)
     assert torch.equal(other_dst, other)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA contexts are per thread; the interpreter has none")
+def test_a_descriptor_kernel_relaunches_on_a_thread_new_to_cuda():
+    """autograd runs the attention backward on its own worker thread, whose first CUDA work can be such a
+    relaunch or keyed launch: the driver must then still find a context to encode the descriptors in."""
+    src, other = (torch.randn(64, 16, generator=torch.Generator().manual_seed(s)).to(DEVICE) for s in (6, 7))
+    dst, other_dst, keyed_dst = torch.zeros_like(src), torch.zeros_like(other), torch.zeros_like(other)
+    relaunch = launch_bound(_descriptor_copy_kernel, (4,), TensorDescriptor.from_tensor(src, [16, 16]), dst,
+                            COLS=16, ROWS=16)
+    failures = []
+
+    def first_cuda_work_of_a_thread():
+        try:
+            relaunch(TensorDescriptor.from_tensor(other, [16, 16]), other_dst)
+            launch_bound(_descriptor_copy_kernel, (4,), TensorDescriptor.from_tensor(other, [16, 16]), keyed_dst,
+                         COLS=16, ROWS=16)
+        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+            failures.append(exc)
+
+    for _ in range(2):  # each a new thread
+        thread = threading.Thread(target=first_cuda_work_of_a_thread)
+        thread.start()
+        thread.join()
+    torch.cuda.synchronize()
+    assert not failures, failures
+    assert torch.equal(other_dst, other)
+    assert torch.equal(keyed_dst, other)

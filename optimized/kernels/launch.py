@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable
 
 import torch
@@ -13,6 +14,7 @@ _ARRAYS = (torch.Tensor, TensorDescriptor)  # what a relaunch replaces; never ke
 _RUNNERS: dict = {}
 _RUNNERS_MAX = 4096  # one entry per distinct shape/stride/grid set; cleared past this (variable lengths)
 
+_CONTEXTS = threading.local()  # .devices: the devices whose CUDA context this thread has made current
 Relaunch = Callable[..., None]  # relaunch(*leading_tensors): the same launch on other tensors (launch_bound)
 
 
@@ -96,4 +98,27 @@ def _compile_and_run(kernel, grid: tuple, args: tuple, kwargs: dict):
     compiled = kernel[grid](*args, **kwargs)
     padded = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
     keyword_values = tuple(kwargs[name] for name in kernel.arg_names[len(args):])
-    return compiled[padded], keyword_values
+    runner = compiled[padded]
+    if any(isinstance(arg, TensorDescriptor) for arg in args):
+        runner = _in_context(runner, _device(args[0]))
+    return runner, keyword_values
+
+
+def _in_context(runner, device: int):
+    """The runner of a kernel taking TMA descriptors, first making a CUDA context current on a thread new
+    to `device`. The driver encodes a descriptor at launch, before Triton's launcher makes sure of a
+    context, and a thread whose first CUDA work is this launch has none: autograd's backward worker
+    gets "Failed to create tensor map descriptor: invalid device context" (H100, Triton 3.6) when the
+    kernel was compiled on the main thread. torch.cuda.set_device cannot help (it skips the device
+    already selected); cudaMemGetInfo, like any runtime call needing a context, binds the primary one."""
+
+    def run(*args):
+        devices = getattr(_CONTEXTS, "devices", None)
+        if devices is None:
+            devices = _CONTEXTS.devices = set()
+        if device not in devices:
+            torch.cuda.mem_get_info(device)
+            devices.add(device)
+        runner(*args)
+
+    return run
