@@ -22,6 +22,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 from conformance.oracle import attention_oracle, attention_oracle_grads  # noqa: E402
 from conformance.tolerances import kernel_bound  # noqa: E402
+from optimized.kernels import attention as kernel_module  # noqa: E402
 from optimized.kernels.attention import (  # noqa: E402
     TilePlan,
     Tiles,
@@ -95,12 +96,15 @@ def _reference_lse(q, k, spec: AttentionSpec) -> torch.Tensor:
     return torch.logsumexp(scores.masked_fill(~mask, float("-inf")), dim=-1)
 
 
-def check_parity(problem: Problem, plan: TilePlan | None = None, shape_inputs=None):
+def check_parity(problem: Problem, plan: TilePlan | None = None, shape_inputs=None, shape_grad=None):
     """Asserts the rule for out, lse, dq, dk, dv; returns the kernel's (out, lse, dq, dk, dv).
-    `shape_inputs(q, k, v)` may reshape the drawn N(0, 1) inputs into a harder score pattern."""
+    `shape_inputs(q, k, v)` may reshape the drawn N(0, 1) inputs into a harder score pattern,
+    `shape_grad(grad)` give the output's gradient another layout."""
     q, k, v, grad = problem.tensors()
     if shape_inputs is not None:
         q, k, v = (t.to(problem.dtype) for t in shape_inputs(q.double(), k.double(), v.double()))
+    if shape_grad is not None:
+        grad = shape_grad(grad)
     spec, dtype = problem.device_spec, problem.dtype
     ours = _with_grads(lambda a, b, c: _AttentionFunction.apply(a, b, c, spec, plan), q, k, v, grad)
     ref = _with_grads(lambda a, b, c: reference_attention(a, b, c, spec), q, k, v, grad)
@@ -403,8 +407,6 @@ def test_repeated_calls_are_identical(name):
 def _launch_spy(monkeypatch) -> list:
     """Records the attention kernels launched through the keyed path (`_launch_bound`); recorded launches
     skip it."""
-    from optimized.kernels import attention as kernel_module
-
     keyed = []
     real = kernel_module._launch_bound
 
@@ -439,24 +441,47 @@ def test_calls_differing_only_in_scalars_are_not_mixed_up():
         check_parity(Problem(seed=3, spec=spec, **shapes))
 
 
+DENSE_KERNELS = {"_attn_fwd_dense_kernel", "_attn_bwd_dq_dense_kernel", "_attn_bwd_dkdv_dense_kernel"}
+
+
 def test_a_repeated_dense_call_reuses_its_launches_on_the_new_tensors(monkeypatch):
-    """As above for a dense spec, whose forward reads q, k, v through TMA descriptors: the recorded
-    launch must build them on the second call's tensors, not reuse the first call's."""
+    """As above for a dense spec, whose three kernels read their tiles through TMA descriptors: the
+    recorded launches must build them on the second call's tensors, not reuse the first call's."""
     keyed = _launch_spy(monkeypatch)
+    monkeypatch.setattr(kernel_module, "_RECORDED", {})
     shapes = dict(batch=2, q_heads=4, kv_heads=2, q_len=LONG - 5, kv_len=LONG, head_dim=64, layout="bshd")
     first, second = (Problem(seed=31 + i, spec=AttentionSpec(causal=True), **shapes) for i in range(2))
     check_parity(first)
     launched_by_first = len(keyed)
     check_parity(second)
+    assert set(keyed[:launched_by_first]) == DENSE_KERNELS
     assert keyed[launched_by_first:] == ["_attn_fwd_dense_kernel"]
+
+
+@pytest.mark.parametrize("layout", ["broadcast", "unaligned"])
+def test_a_dense_backward_copies_a_gradient_tma_cannot_read(monkeypatch, layout):
+    """out.sum()'s gradient is a broadcast (zero strides), and a view can start off a 16-byte boundary:
+    TMA can read neither, so the dense backward copies such a gradient and still runs its own kernels."""
+    keyed = _launch_spy(monkeypatch)
+    monkeypatch.setattr(kernel_module, "_RECORDED", {})
+
+    def reshape(grad):
+        if layout == "broadcast":
+            return grad[:, :, :1].expand_as(grad)
+        flat = torch.empty(grad.numel() + 1, device=grad.device, dtype=grad.dtype)
+        flat[1:] = grad.flatten()
+        return flat[1:].view_as(grad)
+
+    problem = Problem(batch=2, q_heads=4, kv_heads=2, q_len=LONG - 3, kv_len=LONG, head_dim=64,
+                      spec=AttentionSpec(causal=True), seed=8)
+    check_parity(problem, shape_grad=reshape)
+    assert set(keyed) == DENSE_KERNELS
 
 
 @pytest.mark.parametrize("by_head", [True, False], ids=["by_head", "by_tile"])
 def test_both_tile_orders_cover_every_query_tile(monkeypatch, by_head):
     """A GPU picks _tile_order's order by grid size; either must visit every (head, query tile) once, in
-    the dense forward, the general forward and dQ (key padding takes the general kernels)."""
-    from optimized.kernels import attention as kernel_module
-
+    the forward and dQ, dense and general (key padding takes the general kernels)."""
     monkeypatch.setattr(kernel_module, "_by_head", lambda *args: by_head)
     monkeypatch.setattr(kernel_module, "_RECORDED", {})  # a recorded launch would keep the other order
     length = LONG + 7
@@ -485,3 +510,8 @@ def test_only_dense_specs_on_tma_readable_tensors_take_the_dense_kernel():
     assert not uses_dense_kernel(odd_dim, odd_dim[:, :2], odd_dim[:, :2], AttentionSpec(causal=True))
     unaligned = torch.randn(4 * 40 * 64 + 1, device=DEVICE, dtype=dtype)[1:].view(1, 4, 40, 64)
     assert not uses_dense_kernel(unaligned, kv, kv, AttentionSpec(causal=True))
+    causal = AttentionSpec(causal=True)
+    assert kernel_module.uses_dense_backward(q, kv, kv, torch.randn_like(q), causal)
+    assert not kernel_module.uses_dense_backward(q, kv, kv, unaligned, causal)
+    assert not kernel_module.uses_dense_backward(q, kv, kv, q[:, :, :1].expand_as(q), causal)  # zero stride
+    assert not kernel_module.uses_dense_backward(q, kv, kv, q, AttentionSpec(causal=True, window=8))

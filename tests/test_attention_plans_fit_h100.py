@@ -54,7 +54,7 @@ def _signature(kernel, args, kwargs) -> tuple[dict, dict]:
 
 def _calls(dtype: torch.dtype, head_dim: int) -> dict:
     """The three kernels' launches for a causal call in `dtype` at `head_dim`, on the GPU plan, not run
-    (the forward is the dense kernel where uses_dense_kernel says so)."""
+    (the dense kernels where uses_dense_kernel says so)."""
     calls = {}
     kernels._launch_bound = lambda kernel, grid, *a, **kw: calls.setdefault(kernel, (a, kw))  # a child process
     q = torch.randn(1, 2, 64, head_dim, dtype=dtype)
@@ -91,12 +91,13 @@ def _compiled_in_child(dtype: str, head_dim: int) -> dict:
     return json.loads(child.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("dtype, head_dim", [("float32", 256), ("bfloat16", 256), ("bfloat16", 128)])
+@pytest.mark.parametrize("dtype, head_dim", [("float32", 256), ("bfloat16", 256), ("bfloat16", 128), ("bfloat16", 64)])
 def test_every_kernel_fits_the_h100_shared_memory(dtype, head_dim):
-    """d256 is the general kernels' widest head dim, d128 the dense forward's (TMA tiles, 4 warps)."""
+    """d256 is the general kernels' widest head dim, d128 and d64 the dense kernels' two plans."""
     shared = _compiled_in_child(dtype, head_dim)
-    forward = "_attn_fwd_dense_kernel" if (dtype, head_dim) == ("bfloat16", 128) else "_attn_fwd_kernel"
-    assert set(shared) == {forward, "_attn_bwd_dq_kernel", "_attn_bwd_dkdv_kernel"}, shared
+    kinds = "_dense" if dtype == "bfloat16" and head_dim in (64, 128) else ""
+    expected = {f"_attn_fwd{kinds}_kernel", f"_attn_bwd_dq{kinds}_kernel", f"_attn_bwd_dkdv{kinds}_kernel"}
+    assert set(shared) == expected, shared
     too_big = {name: size for name, size in shared.items() if size > H100_SHARED_MEMORY}
     assert not too_big, f"{dtype} at d{head_dim} needs more than the H100's {H100_SHARED_MEMORY} B: {too_big}"
 

@@ -15,7 +15,8 @@ two deterministic kernels: dQ (one program per query tile; it also writes delta 
 dK/dV (one program per key tile of a KV head, looping over the query heads of its GQA group, so K/V are
 never repeated). A head dim that is not a power of two runs as two power-of-two column parts (80 = 64 +
 16) instead of being padded. A dense spec (causal or full, nothing else: a text model's unpadded batch)
-runs a leaner forward that reads its tiles through TMA descriptors (`_attn_fwd_dense_kernel`). After a
+runs leaner kernels that read their tiles through TMA descriptors (`_attn_fwd_dense_kernel`,
+`_attn_bwd_dq_dense_kernel`, `_attn_bwd_dkdv_dense_kernel`). After a
 shape's first call, launches skip Triton's dispatch (`_launch`), and a repeated call signature goes
 straight to its recorded launches (`_Recorded`).
 """
@@ -427,6 +428,16 @@ def _attn_fwd_kernel(
 
 
 @triton.jit
+def _dense_mask(scores, start_n, pos, Sk, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr):
+    """-inf where key start_n + j is past Sk (TMA read zeros there) or, causally, after row i's position."""
+    keys = start_n + tl.arange(0, BLOCK_N)
+    ok = keys[None, :] < Sk
+    if CAUSAL:
+        ok = ok & (keys[None, :] <= pos[:, None])
+    return tl.where(ok, scores, float("-inf"))
+
+
+@triton.jit
 def _dense_fwd_tiles(acc, l_i, m_i, q, desc_k, desc_v, b, kvh, start, end, first_pos, Sk, qk_scale,
                      MASKED: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
@@ -440,14 +451,23 @@ def _dense_fwd_tiles(acc, l_i, m_i, q, desc_k, desc_v, b, kvh, start, end, first
         v = desc_v.load([b, kvh, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
         qk = tl.dot(q, k.T, input_precision=DOT_PRECISION)
         if MASKED:
-            keys = start_n + tl.arange(0, BLOCK_N)
-            ok = keys[None, :] < Sk
-            if CAUSAL:
-                ok = ok & (keys[None, :] <= pos[:, None])
-            qk = tl.where(ok, qk, float("-inf"))
+            qk = _dense_mask(qk, start_n, pos, Sk, CAUSAL, BLOCK_N)
         p, alpha, m_i, l_i = _softmax_step(qk, m_i, l_i, qk_scale, MASKED, True)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
     return acc, l_i, m_i
+
+
+@triton.jit
+def _dense_key_range(first, Sk, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(full_end, end) for the query tile whose first row sits at key position `first`: key tiles below
+    full_end are attended by every row (no mask), those in [full_end, end) need the causal / tail mask."""
+    if CAUSAL:  # keys below first + 1 are seen by every row
+        full_end = tl.minimum(tl.maximum(first + 1, 0) // BLOCK_N * BLOCK_N, Sk // BLOCK_N * BLOCK_N)
+        end = tl.minimum(first + BLOCK_M, Sk)
+    else:
+        full_end = Sk // BLOCK_N * BLOCK_N
+        end = Sk
+    return full_end, end
 
 
 @triton.jit
@@ -466,12 +486,7 @@ def _attn_fwd_dense_kernel(
     h = pid_bh % Hq
     kvh = h // GROUP
     first = pid_m * BLOCK_M + Sk - Sq  # the tile's first query position
-    if CAUSAL:  # keys below first + 1 are seen by every row: no mask there
-        full_end = tl.minimum(tl.maximum(first + 1, 0) // BLOCK_N * BLOCK_N, Sk // BLOCK_N * BLOCK_N)
-        end = tl.minimum(first + BLOCK_M, Sk)
-    else:
-        full_end = Sk // BLOCK_N * BLOCK_N
-        end = Sk
+    full_end, end = _dense_key_range(first, Sk, CAUSAL, BLOCK_M, BLOCK_N)
     q = desc_q.load([b, h, pid_m * BLOCK_M, 0]).reshape(BLOCK_M, HEAD_DIM)
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -731,6 +746,151 @@ def _attn_bwd_dq_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
+# Backward of a dense spec
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _dense_dq_tiles(dq, q, do, lse2, delta, desc_k, desc_v, b, kvh, start, end, first_pos, Sk, qk_scale,
+                    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """_attn_bwd_q_tiles with K/V tiles fetched by TMA; MASKED tiles as in _dense_fwd_tiles."""
+    pos = first_pos + tl.arange(0, BLOCK_M)
+    for start_n in range(start, end, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        k = desc_k.load([b, kvh, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
+        v = desc_v.load([b, kvh, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
+        s = tl.dot(q, k.T, input_precision=DOT_PRECISION) * qk_scale
+        if MASKED:
+            s = _dense_mask(s, start_n, pos, Sk, CAUSAL, BLOCK_N)
+        p = tl.math.exp2(s - lse2[:, None])
+        ds = p * (tl.dot(do, v.T, input_precision=DOT_PRECISION) - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq_dense_kernel(
+    desc_q, desc_k, desc_v, desc_o, desc_do, Lse, Delta, dQ, stride_dqb, stride_dqh, stride_dqm, Hq, Sq, Sk,
+    qk_scale, sm_scale, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, BY_HEAD: tl.constexpr,
+):
+    """_attn_bwd_dq_kernel for a dense spec, its tiles read by TMA: 1.30 against 1.38-1.39 ms on the causal
+    GQA d128 case (H100, 64 x 64 tiles at 4 warps both)."""
+    pid_bh, pid_m = _tile_order(Sq, BLOCK_M, BY_HEAD)
+    b = pid_bh // Hq
+    h = pid_bh % Hq
+    kvh = h // GROUP
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < Sq
+    q = desc_q.load([b, h, m0, 0]).reshape(BLOCK_M, HEAD_DIM)
+    do = desc_do.load([b, h, m0, 0]).reshape(BLOCK_M, HEAD_DIM)
+    o = desc_o.load([b, h, m0, 0]).reshape(BLOCK_M, HEAD_DIM)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(Delta + pid_bh.to(tl.int64) * Sq + offs_m, delta, mask=row_ok)
+    lse2 = _load_lse2(Lse + pid_bh.to(tl.int64) * Sq, offs_m, row_ok)
+    first = m0 + Sk - Sq
+    full_end, end = _dense_key_range(first, Sk, CAUSAL, BLOCK_M, BLOCK_N)
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    dq = _dense_dq_tiles(dq, q, do, lse2, delta, desc_k, desc_v, b, kvh, 0, full_end, first, Sk, qk_scale,
+                         False, CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION)
+    dq = _dense_dq_tiles(dq, q, do, lse2, delta, desc_k, desc_v, b, kvh, full_end, end, first, Sk, qk_scale,
+                         True, CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION)
+    _store_head(dQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh, offs_m, stride_dqm, dq * sm_scale,
+                dq, Sq, HEAD_DIM, HEAD_DIM, 16, False)
+
+
+@triton.jit
+def _dense_dkdv_step(dk, dv, k, v, desc_q, desc_do, lse_ptr, delta_ptr, b, h, start_m, offs_n, Sq, Sk, qk_scale,
+                     MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                     DOT_PRECISION: tl.constexpr):
+    """dK, dV of one key tile from query tile start_m of head h. MASKED applies the causal mask; queries
+    past Sq read zeros and their lse of -inf gives them p = 0."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < Sq
+    q = desc_q.load([b, h, start_m, 0]).reshape(BLOCK_M, HEAD_DIM)
+    do = desc_do.load([b, h, start_m, 0]).reshape(BLOCK_M, HEAD_DIM)
+    lse2 = _load_lse2(lse_ptr, offs_m, row_ok)
+    sT = tl.dot(k, q.T, input_precision=DOT_PRECISION) * qk_scale
+    if MASKED:  # query i at key position i + Sk - Sq sees key j <= that
+        sT = tl.where(offs_n[:, None] <= (offs_m + (Sk - Sq))[None, :], sT, float("-inf"))
+    pT = tl.math.exp2(sT - lse2[None, :])
+    dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+    delta = tl.load(delta_ptr + offs_m, mask=row_ok, other=0.0)
+    dsT = pT * (tl.dot(v, do.T, input_precision=DOT_PRECISION) - delta[None, :])
+    return tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PRECISION), dv
+
+
+@triton.jit
+def _dense_dkdv_diagonal(dk, dv, k, v, desc_q, desc_do, Lse, Delta, b, kvh, Hq, offs_n, start, end, Sq, Sk,
+                         qk_scale, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                         DOT_PRECISION: tl.constexpr):
+    """The masked query tiles [start, end) of a causal key tile, head by head."""
+    for g in range(GROUP):
+        h = kvh * GROUP + g
+        row_base = (b * Hq + h).to(tl.int64) * Sq
+        for start_m in range(start, end, BLOCK_M):
+            start_m = tl.multiple_of(start_m, BLOCK_M)
+            dk, dv = _dense_dkdv_step(dk, dv, k, v, desc_q, desc_do, Lse + row_base, Delta + row_base, b, h,
+                                      start_m, offs_n, Sq, Sk, qk_scale, True, HEAD_DIM, BLOCK_M, DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _dense_dkdv_full(dk, dv, k, v, desc_q, desc_do, Lse, Delta, b, kvh, Hq, offs_n, start, Sq, Sk, qk_scale,
+                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                     DOT_PRECISION: tl.constexpr):
+    """The query tiles from `start` on, which see every key of the tile, of every head of the GQA group in
+    one loop: the software pipeline then runs across heads instead of draining at each head's end, which
+    short loops (a causal key tile near the sequence's end: one step a head) feel most."""
+    steps = tl.cdiv(Sq - start, BLOCK_M)
+    for step in range(0, GROUP * steps):
+        g = step // steps
+        h = kvh * GROUP + g
+        row_base = (b * Hq + h).to(tl.int64) * Sq
+        dk, dv = _dense_dkdv_step(dk, dv, k, v, desc_q, desc_do, Lse + row_base, Delta + row_base, b, h,
+                                  start + (step - g * steps) * BLOCK_M, offs_n, Sq, Sk, qk_scale, False, HEAD_DIM,
+                                  BLOCK_M, DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv_dense_kernel(
+    desc_q, desc_k, desc_v, desc_do, Lse, Delta, dK, dV, stride_dkb, stride_dkh, stride_dkn, stride_dvb,
+    stride_dvh, stride_dvn, Hq, Hkv, Sq, Sk, qk_scale, sm_scale, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """_attn_bwd_dkdv_kernel for a dense spec, its tiles read by TMA: K and V stay in shared memory as
+    wgmma operands instead of registers, so a 64-key tile at 4 warps (two CTAs an SM) spills 6 registers
+    where the general kernel's 128-key one at 8 warps spills 52. 1.87 against 2.24-2.26 ms on the causal
+    GQA d128 case (H100); without the head-major loop of _dense_dkdv_full, 1.97."""
+    pid_bkv = tl.program_id(0)  # key tiles in the general kernel's order: tile 0, the heaviest, first
+    b = pid_bkv // Hkv
+    kvh = pid_bkv % Hkv
+    n0 = tl.program_id(1) * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    k = desc_k.load([b, kvh, n0, 0]).reshape(BLOCK_N, HEAD_DIM)  # keys past Sk read 0; their rows are not stored
+    v = desc_v.load([b, kvh, n0, 0]).reshape(BLOCK_N, HEAD_DIM)
+    start = 0
+    full_start = 0  # queries from here on see every key of the tile
+    if CAUSAL:
+        start = tl.maximum(n0 - (Sk - Sq), 0) // BLOCK_M * BLOCK_M
+        full_start = tl.minimum(tl.maximum(tl.cdiv(n0 + BLOCK_N - 1 - (Sk - Sq), BLOCK_M) * BLOCK_M, start), Sq)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dk, dv = _dense_dkdv_diagonal(dk, dv, k, v, desc_q, desc_do, Lse, Delta, b, kvh, Hq, offs_n, start,
+                                  full_start, Sq, Sk, qk_scale, GROUP, HEAD_DIM, BLOCK_M, DOT_PRECISION)
+    dk, dv = _dense_dkdv_full(dk, dv, k, v, desc_q, desc_do, Lse, Delta, b, kvh, Hq, offs_n, full_start, Sq, Sk,
+                              qk_scale, GROUP, HEAD_DIM, BLOCK_M, DOT_PRECISION)
+    b64 = b.to(tl.int64)
+    _store_head(dK + b64 * stride_dkb + kvh.to(tl.int64) * stride_dkh, offs_n, stride_dkn, dk * sm_scale, dk, Sk,
+                HEAD_DIM, HEAD_DIM, 16, False)
+    _store_head(dV + b64 * stride_dvb + kvh.to(tl.int64) * stride_dvh, offs_n, stride_dvn, dv, dv, Sk,
+                HEAD_DIM, HEAD_DIM, 16, False)
+
+
+# ----------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------
 
@@ -772,13 +932,16 @@ _GPU_PLANS = {
     128: TilePlan(Tiles(128, 64, 8, 3), Tiles(64, 128, 8, 2), Tiles(128, 32, 8, 3)),
     256: TilePlan(Tiles(128, 64, 8, 2), Tiles(64, 32, 4, 2), Tiles(128, 32, 8, 2)),
 }
-# Dense specs (causal or full, nothing else) at these head dims run _attn_fwd_dense_kernel: 4 warps, two
-# stages (96 KB of shared memory at d128), so two CTAs share an SM. dQ's 64 x 64 tiles at 4 warps measured
-# 1.39-1.44 ms against 1.57-1.61 for 128 x 32 at 8 on the causal GQA d128 case.
+# Dense specs (causal or full, nothing else) at these head dims run the dense kernels: 4 warps, two stages
+# (96 KB of shared memory at d128), so two CTAs share an SM. On the causal GQA d128 case (H100,
+# scratch sweeps of 8-10 shapes a kernel): dQ 64 x 64 1.30 ms (128 x 128 at 8 warps 1.36, 64 x 32 1.41),
+# dK/dV 64 x 64 1.87 ms (64 x 128 at 8 warps 2.19, 32 x 64 at 3 stages 2.11). d64 from the sweep of
+# llava_vision_full_d64 (4 x 577 tokens, 16 heads, full; results/attention-h100-80gb-hbm3-sweep-dense.json):
+# forward 85 us (128 x 64 at 4 warps 101), dK/dV 104 us (32 x 128 121), dQ 92 us (64 x 64 112).
 _DENSE_HEAD_DIMS = (16, 32, 64, 128)  # powers of two (no split) whose 128-row accumulator fits 4 warps
 _DENSE_PLANS = {
-    64: TilePlan(Tiles(128, 64, 4, 2), Tiles(32, 128, 4, 3), Tiles(64, 64, 4, 3)),
-    128: TilePlan(Tiles(128, 64, 4, 2), Tiles(64, 128, 8, 2), Tiles(64, 64, 4, 2)),
+    64: TilePlan(Tiles(128, 128, 8, 2), Tiles(64, 64, 4, 2), Tiles(128, 128, 8, 2)),
+    128: TilePlan(Tiles(128, 64, 4, 2), Tiles(64, 64, 4, 2), Tiles(64, 64, 4, 2)),
 }
 # Packed segments of <= 96 tokens (Qwen2.5-VL's 64-patch windows): a 128-row query tile would span two
 # segments and mask half of every product. Sweep on 81 x 64 tokens, d80: 34 us forward with this plan,
@@ -984,11 +1147,12 @@ def _by_head(spec: AttentionSpec, programs: int, device: torch.device) -> bool:
 
 
 def _tma_readable(t: torch.Tensor) -> bool:
-    """TMA reads a tensor in place from a 16-byte aligned base, a unit last stride and 16-byte multiple
-    other strides."""
+    """TMA reads a tensor in place from a 16-byte aligned base, a unit last stride and other strides that
+    are nonzero (where the extent is over 1) 16-byte multiples."""
     size = t.element_size()
     return (t.numel() > 0 and t.data_ptr() % 16 == 0 and t.stride(-1) == 1
-            and all(s * size % 16 == 0 for s in t.stride()[:-1]))
+            and all(stride * size % 16 == 0 and (stride > 0 or extent == 1)
+                    for stride, extent in zip(t.stride()[:-1], t.shape[:-1])))
 
 
 def uses_dense_kernel(q, k, v, spec: AttentionSpec) -> bool:
@@ -1001,6 +1165,20 @@ def uses_dense_kernel(q, k, v, spec: AttentionSpec) -> bool:
     dtypes = (torch.float16, torch.bfloat16) if q.is_cuda else (torch.float16, torch.bfloat16, torch.float32)
     return (q.shape[-1] in _DENSE_HEAD_DIMS and q.dtype in dtypes
             and all(_tma_readable(t) for t in (q, k, v)))
+
+
+def uses_dense_backward(q, k, v, grad_out, spec: AttentionSpec) -> bool:
+    """Whether the backward runs the dense dQ and dK/dV kernels: uses_dense_kernel, with the output's
+    gradient TMA-readable too (the autograd backward copies one that is not, see _dense_readable). dQ also
+    reads the output, which has q's layout in a fresh buffer (_forward_outputs), so is readable with q."""
+    return uses_dense_kernel(q, k, v, spec) and _tma_readable(grad_out)
+
+
+def _dense_readable(grad_out: torch.Tensor) -> torch.Tensor:
+    """grad_out for a dense backward: a contiguous copy where TMA cannot read it in place (an expanded
+    gradient of zero strides, a misaligned view), so the backward runs the kernels the plan was made for.
+    A clone, since contiguous() returns a misaligned contiguous view as it is."""
+    return grad_out if _tma_readable(grad_out) else grad_out.clone(memory_format=torch.contiguous_format)
 
 
 def _tma_heads(t: torch.Tensor, rows: int) -> TensorDescriptor:
@@ -1045,8 +1223,35 @@ def _launch_forward(q, k, v, spec, low: _Structure, tiles: Tiles):
     return out, lse, relaunch
 
 
+def _launch_dense_dkdv(q, k, v, grad_out, lse, delta, spec, tiles: Tiles):
+    """_launch_dkdv for a dense spec (uses_dense_backward)."""
+    batch, q_heads, q_len, head_dim = q.shape
+    kv_heads, kv_len = k.shape[1], k.shape[2]
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+
+    def descriptors(q, k, v, grad_out):
+        return (_tma_heads(q, tiles.block_m), _tma_heads(k, tiles.block_n), _tma_heads(v, tiles.block_n),
+                _tma_heads(grad_out, tiles.block_m))
+
+    scale = spec.resolved_scale(head_dim)
+    relaunch = _launch_bound(
+        _attn_bwd_dkdv_dense_kernel, (batch * kv_heads, _cdiv(kv_len, tiles.block_n)),
+        *descriptors(q, k, v, grad_out), lse, delta, dk, dv, *_strides(dk), *_strides(dv), q_heads, kv_heads,
+        q_len, kv_len, qk_scale=scale * LOG2E, sm_scale=scale, GROUP=q_heads // kv_heads, HEAD_DIM=head_dim,
+        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, CAUSAL=spec.causal,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=tiles.num_warps,
+        num_stages=tiles.num_stages)
+
+    def relaunch_dense(q, k, v, grad_out, lse, delta, dk, dv, *structure):
+        relaunch(*descriptors(q, k, v, grad_out), lse, delta, dk, dv)
+
+    return dk, dv, relaunch_dense
+
+
 def _launch_dkdv(q, k, v, grad_out, lse, delta, spec, low: _Structure, tiles: Tiles):
     """(dk, dv, relaunch); relaunch(q, k, v, grad_out, lse, delta, dk, dv, *structure)."""
+    if uses_dense_backward(q, k, v, grad_out, spec):
+        return _launch_dense_dkdv(q, k, v, grad_out, lse, delta, spec, tiles)
     batch, q_heads, q_len, _ = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
     dk, dv = torch.empty_like(k), torch.empty_like(v)
@@ -1060,9 +1265,36 @@ def _launch_dkdv(q, k, v, grad_out, lse, delta, spec, low: _Structure, tiles: Ti
     return dk, dv, relaunch
 
 
+def _launch_dense_dq(q, k, v, out, grad_out, lse, spec, tiles: Tiles):
+    """_launch_dq for a dense spec (uses_dense_backward)."""
+    batch, q_heads, q_len, head_dim = q.shape
+    dq, delta = torch.empty_like(q), torch.empty_like(lse)
+
+    def descriptors(q, k, v, out, grad_out):
+        rows, keys = tiles.block_m, tiles.block_n
+        return (_tma_heads(q, rows), _tma_heads(k, keys), _tma_heads(v, keys), _tma_heads(out, rows),
+                _tma_heads(grad_out, rows))
+
+    scale = spec.resolved_scale(head_dim)
+    programs = batch * q_heads * _cdiv(q_len, tiles.block_m)
+    relaunch = _launch_bound(
+        _attn_bwd_dq_dense_kernel, (programs,), *descriptors(q, k, v, out, grad_out), lse, delta, dq,
+        *_strides(dq), q_heads, q_len, k.shape[2], qk_scale=scale * LOG2E, sm_scale=scale,
+        GROUP=q_heads // k.shape[1], HEAD_DIM=head_dim, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
+        CAUSAL=spec.causal, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        BY_HEAD=_by_head(spec, programs, q.device), num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+
+    def relaunch_dense(q, k, v, out, grad_out, lse, delta, dq, *structure):
+        relaunch(*descriptors(q, k, v, out, grad_out), lse, delta, dq)
+
+    return dq, delta, relaunch_dense
+
+
 def _launch_dq(q, k, v, out, grad_out, lse, spec, low: _Structure, tiles: Tiles):
     """(dq, delta, relaunch): delta feeds the dK/dV kernel, which must run after this one.
     relaunch(q, k, v, out, grad_out, lse, delta, dq, *structure)."""
+    if uses_dense_backward(q, k, v, grad_out, spec) and _tma_readable(out):
+        return _launch_dense_dq(q, k, v, out, grad_out, lse, spec, tiles)
     batch, q_heads, q_len, _ = q.shape
     dq = torch.empty_like(q)
     delta = torch.empty_like(lse)
@@ -1100,11 +1332,12 @@ class _Recorded:
     under 60 us: a later call skips validation, planning and the kernel-argument keys, and goes
     straight to the recorded launches (see `_AttentionFunction`)."""
 
-    __slots__ = ("plan", "forward", "backward")
+    __slots__ = ("plan", "forward", "backward", "dense")
 
-    def __init__(self, plan: TilePlan, forward):
+    def __init__(self, plan: TilePlan, forward, dense: bool):
         self.plan = plan
         self.forward = forward
+        self.dense = dense  # uses_dense_kernel: the backward is dense too, given a TMA-readable grad_out
         self.backward: dict = {}  # grad_out's (dtype, strides, alignment) -> (relaunch dq, relaunch dkdv)
 
 
@@ -1162,7 +1395,7 @@ class _AttentionFunction(torch.autograd.Function):
         if recorded is None:
             q, k, v, plan, low = _prepare(q, k, v, spec, plan)
             out, lse, relaunch = _launch_forward(q, k, v, spec, low, plan.fwd)
-            recorded = _record(signature, _Recorded(plan, relaunch))
+            recorded = _record(signature, _Recorded(plan, relaunch, uses_dense_kernel(q, k, v, spec)))
             structure = _structure_tensors(low)
         else:
             structure = _recorded_structure(spec, q.device)
@@ -1175,7 +1408,7 @@ class _AttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, out, lse = ctx.saved_tensors
-        grad_out = _unit_last_stride(grad_out)
+        grad_out = _dense_readable(grad_out) if ctx.recorded.dense else _unit_last_stride(grad_out)
         key = (grad_out.dtype, grad_out.stride(), _aligned16(grad_out))
         relaunches = ctx.recorded.backward.get(key)
         if relaunches is None:
