@@ -775,8 +775,8 @@ def _attn_bwd_dq_dense_kernel(
     qk_scale, sm_scale, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, BY_HEAD: tl.constexpr,
 ):
-    """_attn_bwd_dq_kernel for a dense spec, its tiles read by TMA: 1.30 against 1.38-1.39 ms on the causal
-    GQA d128 case (H100, 64 x 64 tiles at 4 warps both)."""
+    """_attn_bwd_dq_kernel for a dense spec, its tiles read by TMA: 1.30-1.34 against 1.36-1.39 ms on the
+    causal GQA d128 case (H100, same box each; 64 x 64 tiles at 4 warps both)."""
     pid_bh, pid_m = _tile_order(Sq, BLOCK_M, BY_HEAD)
     b = pid_bh // Hq
     h = pid_bh % Hq
@@ -862,9 +862,10 @@ def _attn_bwd_dkdv_dense_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """_attn_bwd_dkdv_kernel for a dense spec, its tiles read by TMA: K and V stay in shared memory as
-    wgmma operands instead of registers, so a 64-key tile at 4 warps (two CTAs an SM) spills 6 registers
-    where the general kernel's 128-key one at 8 warps spills 52. 1.87 against 2.24-2.26 ms on the causal
-    GQA d128 case (H100); without the head-major loop of _dense_dkdv_full, 1.97."""
+    wgmma operands instead of registers, so a 64-key tile at 4 warps (two CTAs an SM) spills 14 registers
+    where the general kernel's 128-key one at 8 warps spills 52. 1.87-2.01 against 2.24-2.30 ms on the
+    causal GQA d128 case (H100, same box each); without the head-major loop of _dense_dkdv_full, 1.97
+    where it ran 1.87."""
     pid_bkv = tl.program_id(0)  # key tiles in the general kernel's order: tile 0, the heaviest, first
     b = pid_bkv // Hkv
     kvh = pid_bkv % Hkv
