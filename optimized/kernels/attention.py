@@ -183,6 +183,12 @@ def _store_head(base, rows, stride, main, tail, n_rows, HEAD_DIM: tl.constexpr, 
 
 
 @triton.jit
+def _store_tile(base, rows, stride, tile, n_rows, HEAD_DIM: tl.constexpr):
+    """_store_head of a power-of-two head dim held in one part (the dense kernels)."""
+    _store_head(base, rows, stride, tile, tile, n_rows, HEAD_DIM, HEAD_DIM, 16, False)
+
+
+@triton.jit
 def _dot_nt(a, a_tail, b, b_tail, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """a @ b^T over the head dim, both operands split as _load_head makes them."""
     acc = tl.dot(a, tl.trans(b), input_precision=DOT_PRECISION)
@@ -500,8 +506,7 @@ def _attn_fwd_dense_kernel(
     l_safe = tl.where(empty, 1.0, l_i)
     out = tl.where(empty[:, None], 0.0, acc / l_safe[:, None])
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * _LN2)
-    _store_head(Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh, offs_m, stride_om, out, out, Sq,
-                HEAD_DIM, HEAD_DIM, 16, False)
+    _store_tile(Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh, offs_m, stride_om, out, Sq, HEAD_DIM)
     tl.store(Lse + pid_bh.to(tl.int64) * Sq + offs_m, lse, mask=offs_m < Sq)
 
 
@@ -797,8 +802,8 @@ def _attn_bwd_dq_dense_kernel(
                          False, CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION)
     dq = _dense_dq_tiles(dq, q, do, lse2, delta, desc_k, desc_v, b, kvh, full_end, end, first, Sk, qk_scale,
                          True, CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION)
-    _store_head(dQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh, offs_m, stride_dqm, dq * sm_scale,
-                dq, Sq, HEAD_DIM, HEAD_DIM, 16, False)
+    _store_tile(dQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh, offs_m, stride_dqm, dq * sm_scale,
+                Sq, HEAD_DIM)
 
 
 @triton.jit
@@ -885,10 +890,9 @@ def _attn_bwd_dkdv_dense_kernel(
     dk, dv = _dense_dkdv_full(dk, dv, k, v, desc_q, desc_do, Lse, Delta, b, kvh, Hq, offs_n, full_start, Sq, Sk,
                               qk_scale, GROUP, HEAD_DIM, BLOCK_M, DOT_PRECISION)
     b64 = b.to(tl.int64)
-    _store_head(dK + b64 * stride_dkb + kvh.to(tl.int64) * stride_dkh, offs_n, stride_dkn, dk * sm_scale, dk, Sk,
-                HEAD_DIM, HEAD_DIM, 16, False)
-    _store_head(dV + b64 * stride_dvb + kvh.to(tl.int64) * stride_dvh, offs_n, stride_dvn, dv, dv, Sk,
-                HEAD_DIM, HEAD_DIM, 16, False)
+    _store_tile(dK + b64 * stride_dkb + kvh.to(tl.int64) * stride_dkh, offs_n, stride_dkn, dk * sm_scale, Sk,
+                HEAD_DIM)
+    _store_tile(dV + b64 * stride_dvb + kvh.to(tl.int64) * stride_dvh, offs_n, stride_dvn, dv, Sk, HEAD_DIM)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1107,6 +1111,11 @@ def _strides(t: torch.Tensor) -> tuple:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
+def _dot_precision(q: torch.Tensor) -> str:
+    """fp32 inputs (the interpreter tests) get exact fp32 products, not TF32's 10-bit mantissa."""
+    return "ieee" if q.dtype == torch.float32 else "tf32"
+
+
 def _args(q, k, spec: AttentionSpec, low: _Structure, tiles: Tiles):
     """Scalars and compile-time flags every attention kernel takes."""
     head_dim = q.shape[-1]
@@ -1116,9 +1125,7 @@ def _args(q, k, spec: AttentionSpec, low: _Structure, tiles: Tiles):
                    cap_out=cap * LOG2E)
     meta = dict(GROUP=q.shape[1] // k.shape[1], HEAD_DIM=head_dim, **_head_split(head_dim),
                 BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, num_warps=tiles.num_warps,
-                num_stages=tiles.num_stages,
-                # fp32 inputs (the interpreter tests) get exact fp32 products, not TF32's 10-bit mantissa
-                DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", **low.flags)
+                num_stages=tiles.num_stages, DOT_PRECISION=_dot_precision(q), **low.flags)
     return (low.cu_seqlens, low.pad_info, low.pad_keys, low.span_ids, low.span_range), scalars, meta
 
 
@@ -1200,7 +1207,7 @@ def _launch_dense_forward(q, k, v, spec, tiles: Tiles):
         _attn_fwd_dense_kernel, (programs,), *descriptors(q, k, v), out, lse, *_strides(out), q_heads, q_len,
         k.shape[2], qk_scale=spec.resolved_scale(head_dim) * LOG2E, GROUP=q_heads // k.shape[1],
         HEAD_DIM=head_dim, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, CAUSAL=spec.causal,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        DOT_PRECISION=_dot_precision(q),
         BY_HEAD=_by_head(spec, programs, q.device), num_warps=tiles.num_warps, num_stages=tiles.num_stages)
 
     def relaunch_dense(q, k, v, out, lse, *structure):
@@ -1240,7 +1247,7 @@ def _launch_dense_dkdv(q, k, v, grad_out, lse, delta, spec, tiles: Tiles):
         *descriptors(q, k, v, grad_out), lse, delta, dk, dv, *_strides(dk), *_strides(dv), q_heads, kv_heads,
         q_len, kv_len, qk_scale=scale * LOG2E, sm_scale=scale, GROUP=q_heads // kv_heads, HEAD_DIM=head_dim,
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, CAUSAL=spec.causal,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=tiles.num_warps,
+        DOT_PRECISION=_dot_precision(q), num_warps=tiles.num_warps,
         num_stages=tiles.num_stages)
 
     def relaunch_dense(q, k, v, grad_out, lse, delta, dk, dv, *structure):
@@ -1282,7 +1289,7 @@ def _launch_dense_dq(q, k, v, out, grad_out, lse, spec, tiles: Tiles):
         _attn_bwd_dq_dense_kernel, (programs,), *descriptors(q, k, v, out, grad_out), lse, delta, dq,
         *_strides(dq), q_heads, q_len, k.shape[2], qk_scale=scale * LOG2E, sm_scale=scale,
         GROUP=q_heads // k.shape[1], HEAD_DIM=head_dim, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
-        CAUSAL=spec.causal, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        CAUSAL=spec.causal, DOT_PRECISION=_dot_precision(q),
         BY_HEAD=_by_head(spec, programs, q.device), num_warps=tiles.num_warps, num_stages=tiles.num_stages)
 
     def relaunch_dense(q, k, v, out, grad_out, lse, delta, dq, *structure):
