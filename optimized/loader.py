@@ -5,6 +5,7 @@ per-token layers (norms, gated MLPs, rotary embedding, loss) of every family."""
 from __future__ import annotations
 
 import functools
+import weakref
 
 from optimized import ops
 from optimized.patches import fused_layers, pixtral, qwen_vision
@@ -12,7 +13,7 @@ from reference.families import FamilySpec
 from reference.hf_attention import register
 from reference.loader import Backend
 
-TRITON_KEY = register("fastvision_triton", ops.attention)
+TRITON = register("fastvision_triton", ops.attention)  # registered while an optimized model lives
 
 # Patches per family: only where transformers would otherwise loop per image/window or build a dense mask.
 FAMILY_PATCHES = {"qwen2_vl": qwen_vision, "qwen2_5_vl": qwen_vision, "pixtral": pixtral}
@@ -23,7 +24,9 @@ def patch_model(model, family: FamilySpec) -> None:
     module = FAMILY_PATCHES.get(family.name)
     if module is not None and _served_by_us(model):
         undo.append(functools.partial(module.unpatch, module.patch(model)))
-    undo.append(functools.partial(fused_layers.unpatch, fused_layers.patch(model)))
+    fused = fused_layers.patch(model)
+    model_ref = weakref.ref(model)  # held weakly: the model holds this function (no reference cycle)
+    undo.append(lambda: fused_layers.unpatch(model_ref(), fused))
 
     def unpatch():
         for step in reversed(undo):
@@ -35,7 +38,7 @@ def patch_model(model, family: FamilySpec) -> None:
 def _served_by_us(model) -> bool:
     """Patches route through our attention key; a user's attn_implementation="sdpa" gets none."""
     vision = getattr(model.config, "vision_config", model.config)
-    return vision._attn_implementation == TRITON_KEY
+    return vision._attn_implementation == TRITON.key
 
 
-OPTIMIZED = Backend(name="optimized", attention_key=lambda request: TRITON_KEY, patch=patch_model)
+OPTIMIZED = Backend(name="optimized", attention=lambda request: TRITON, patch=patch_model)

@@ -13,15 +13,13 @@ from reference.hf_attention import register
 from reference.loader import Backend, load
 from reference.ops import attention as reference_attention
 
-SDPA_KEY = register("fastvision_reference", reference_attention.attention)
-MATMUL_KEY = register(
+# Registered in transformers only while a model served by them is alive (reference.shared_state).
+SDPA = register("fastvision_reference", reference_attention.attention)
+MATMUL = register(
     "fastvision_reference_matmul", lambda q, k, v, spec: reference_attention.attention(q, k, v, spec, use_sdpa=False)
 )
 
-REFERENCE = Backend(
-    name="reference",
-    attention_key=lambda request: SDPA_KEY if request.supports_sdpa else MATMUL_KEY,
-)
+REFERENCE = Backend(name="reference", attention=lambda request: SDPA if request.supports_sdpa else MATMUL)
 
 
 class FastBaseModel:
@@ -29,7 +27,10 @@ class FastBaseModel:
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
-        """Load (model, processor) for fine-tuning; see CONTRACT.md for every argument."""
+        """Load (model, processor) for fine-tuning.
+
+        Every argument, its default, what it does and the error for each value it refuses: docs/contract.md
+        in the fastvision repository (the conformance suite keeps it true)."""
         return load(LoadRequest.from_call(*args, **kwargs), cls.backend)
 
 

@@ -10,7 +10,9 @@ is slow, never wrong. Both backends register through here; they differ only in t
 
 from __future__ import annotations
 
+import functools
 import inspect
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -18,6 +20,7 @@ from transformers import masking_utils
 from transformers.modeling_utils import AttentionInterface
 
 from reference.ops.attention import AttentionSpec
+from reference.shared_state import SharedChange, mapping_entry, together
 
 
 class _Unrecognised(Exception):
@@ -127,13 +130,31 @@ def _longest_span(span_ids: torch.Tensor) -> int:
 
 
 def build_mask_spec(*args, **kwargs) -> AttentionSpec:
-    """Our `AttentionMaskInterface` entry: transformers' mask arguments -> an AttentionSpec."""
+    """Our `AttentionMaskInterface` entry: transformers' mask arguments -> an AttentionSpec. A mask the
+    reader cannot take apart is evaluated densely by transformers itself: quietly for a composition it
+    does not know, with one warning when reading failed (a renamed captured variable, a changed closure
+    in a new transformers), so a forward is never broken by the reader."""
     try:
         return _spec_from_structure(_read(kwargs["mask_function"]), kwargs)
     except _Unrecognised:
-        kwargs = {**kwargs, "allow_is_causal_skip": False}
-        dense = masking_utils.sdpa_mask(*args, **kwargs)
-        return AttentionSpec(dense_mask=dense)
+        pass
+    except Exception as error:  # noqa: BLE001 - the reader looks inside transformers' closures
+        function = getattr(kwargs.get("mask_function"), "__qualname__", "?")
+        _warn_reader_failed(function, f"{type(error).__name__}: {error}")
+    kwargs = {**kwargs, "allow_is_causal_skip": False}
+    dense = masking_utils.sdpa_mask(*args, **kwargs)
+    return AttentionSpec(dense_mask=dense)
+
+
+@functools.cache
+def _warn_reader_failed(mask_function: str, error: str) -> None:
+    warnings.warn(
+        f"fastvision could not read the structure of transformers' mask function {mask_function} ({error}); "
+        "its attention uses the dense mask transformers builds instead (correct, but slower and with more "
+        "memory). Please report this with your transformers version.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 def _spec_from_tensor(mask: torch.Tensor, key_length: int) -> AttentionSpec:
@@ -180,11 +201,23 @@ def make_attention_forward(op: AttentionOp) -> Callable:
     return attention_forward
 
 
-def register(key: str, op: AttentionOp) -> str:
-    """Register `op` under `key` in transformers' attention and mask interfaces (both: with only the
-    first, transformers hands the function attention_mask=None and padding is silently ignored)."""
-    if "flash" in key:
-        raise ValueError(f"attention key {key!r} must not contain 'flash': transformers would fetch a hub kernel")
-    AttentionInterface.register(key, make_attention_forward(op))
-    masking_utils.AttentionMaskInterface.register(key, build_mask_spec)
-    return key
+class AttentionRegistration(SharedChange):
+    """`op` under `key` in transformers' attention and mask interfaces (both: with only the first,
+    transformers hands the function attention_mask=None and padding is silently ignored), while a model
+    holds it. transformers' public `register` has no inverse, and its mask preprocessing reads the class
+    mapping itself (`_global_mapping`), so the entries are put there and taken out again directly."""
+
+    def __init__(self, key: str, op: AttentionOp, mask_builder: Callable = build_mask_spec):
+        if "flash" in key:
+            raise ValueError(f"attention key {key!r} must not contain 'flash': transformers would fetch a hub kernel")
+        self.key, self.op = key, op
+        entries = (
+            mapping_entry(AttentionInterface._global_mapping, key, make_attention_forward(op), f"attention {key}"),
+            mapping_entry(masking_utils.AttentionMaskInterface._global_mapping, key, mask_builder, f"mask {key}"),
+        )
+        super().__init__(f"attention key {key}", *together(key, *entries))
+
+
+def register(key: str, op: AttentionOp, mask_builder: Callable = build_mask_spec) -> AttentionRegistration:
+    """The registration of `op` (and `mask_builder`) under `key`; registered while a model holds it."""
+    return AttentionRegistration(key, op, mask_builder)

@@ -18,3 +18,4 @@ def switched_on(switch: contextvars.ContextVar, forward):
             switch.reset(token)
 
     return wrapper
+

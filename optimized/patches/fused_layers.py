@@ -10,7 +10,8 @@ replaced by one kernel forward and one backward (`optimized/kernels/`):
 - gated MLPs `down(act(gate(x)) * up(x))` with SiLU or tanh-GELU: the instance's `forward`;
 - the text attention's `apply_rotary_pos_emb`: the modeling module's global, switched on by a context
   variable only inside the optimized model's own attention modules, so every other model (reference
-  ones included) calls the original function;
+  ones included) calls the original function; the global is swapped only while an optimized model
+  lives (`reference.shared_state`);
 - the causal-LM loss: the model's `loss_function`, an instance attribute transformers provides for it.
 
 Everything is set per instance and undone by `unpatch`.
@@ -22,10 +23,11 @@ import contextvars
 import functools
 import inspect
 import sys
-import types
 
 from optimized import ops
 from optimized.patches import switched_on
+from reference.instance_methods import weakly_bound
+from reference.shared_state import SharedChange, module_attribute
 
 # RMSNorm classes -> Gemma3 style (fp32 `x * (1 + w)` before the cast) or Llama style (cast, then `w *`).
 NORM_CLASSES = {"LlamaRMSNorm": False, "MistralRMSNorm": False, "PixtralRMSNorm": False, "Qwen2RMSNorm": False,
@@ -64,16 +66,21 @@ def _gated_rotary(original):
     return apply_rotary_pos_emb
 
 
-def _install_rotary_globals() -> list:
-    """Swap each text modeling module's `apply_rotary_pos_emb` for the switched one (once per process);
+_ROTARY_SWAPS: dict[str, SharedChange] = {}
+
+
+def _hold_rotary_globals(model) -> list:
+    """Swap each text modeling module's `apply_rotary_pos_emb` for the switched one while `model` lives;
     returns the modules, whose attention forwards read that global."""
     installed = []
     for name in ROTARY_MODULES:
         module = sys.modules.get(f"transformers.models.{name}.modeling_{name}")
         if module is None or not hasattr(module, "apply_rotary_pos_emb"):
             continue
-        if not hasattr(module.apply_rotary_pos_emb, "fastvision_original"):
-            module.apply_rotary_pos_emb = _gated_rotary(module.apply_rotary_pos_emb)
+        if name not in _ROTARY_SWAPS:
+            original = module.apply_rotary_pos_emb
+            _ROTARY_SWAPS[name] = module_attribute(module, "apply_rotary_pos_emb", _gated_rotary(original))
+        _ROTARY_SWAPS[name].hold(model)
         installed.append(module)
     return installed
 
@@ -86,25 +93,24 @@ def _calls_rotary(module, modeling_modules) -> bool:
 
 def patch(model) -> list:
     """Fuse the model's norms, gated MLPs, text rotary embedding and loss; returns what to undo."""
-    modeling_modules = _install_rotary_globals()
+    modeling_modules = _hold_rotary_globals(model)
     patched = []
     for module in model.modules():
         name = type(module).__name__
         if name in NORM_CLASSES:
-            module.forward = types.MethodType(functools.partial(_norm_forward, gemma=NORM_CLASSES[name]), module)
+            module.forward = weakly_bound(_norm_forward, module, gemma=NORM_CLASSES[name])
         elif name in GATED_MLP_CLASSES and (activation := _activation_of(module.act_fn)) is not None:
-            module.forward = types.MethodType(functools.partial(_gated_mlp_forward, activation=activation), module)
+            module.forward = weakly_bound(_gated_mlp_forward, module, activation=activation)
         elif _calls_rotary(module, modeling_modules):
-            module.forward = switched_on(_fused_rotary, module.forward)
+            module.forward = switched_on(_fused_rotary, weakly_bound(type(module).forward, module))
         else:
             continue
         patched.append(module)
     model.loss_function = ops.causal_lm_loss
-    return [*patched, model]
+    return patched
 
 
-def unpatch(patched: list) -> None:
-    *modules, model = patched
-    for module in modules:
+def unpatch(model, patched: list) -> None:
+    for module in patched:
         del module.forward  # the class's forward shows through again
     del model._loss_function  # transformers' `loss_function` property falls back to its loss mapping

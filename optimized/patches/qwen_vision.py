@@ -10,10 +10,10 @@ once, with the pieces as `cu_seqlens` segments. It is set on each module instanc
 from __future__ import annotations
 
 import sys
-import types
 
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from reference.instance_methods import weakly_bound
 from reference.ops.attention import AttentionSpec
 
 VISION_ATTENTION_CLASSES = ("VisionAttention", "Qwen2_5_VLVisionAttention")
@@ -40,7 +40,7 @@ def patch(model) -> list:
     patched = []
     for module in model.modules():
         if type(module).__name__ in VISION_ATTENTION_CLASSES and hasattr(module, "qkv"):
-            module.forward = types.MethodType(varlen_vision_attention_forward, module)
+            module.forward = weakly_bound(varlen_vision_attention_forward, module)
             patched.append(module)
     return patched
 

@@ -15,10 +15,11 @@ import reference
 from reference import api, hf_attention, quantization
 
 
-def attention_classes(name: str, op) -> tuple[type, type, type]:
-    """FastBaseModel, FastModel, FastVisionModel whose attention is `op(q, k, v, spec)` under a new key."""
-    key = hf_attention.register(f"fastvision_broken_{name}", op)
-    backend = dataclasses.replace(api.REFERENCE, name=f"broken:{name}", attention_key=lambda request: key)
+def attention_classes(name: str, op, mask_builder=hf_attention.build_mask_spec) -> tuple[type, type, type]:
+    """FastBaseModel, FastModel, FastVisionModel whose attention is `op(q, k, v, spec)` under a new key, its
+    masks built by `mask_builder`."""
+    registration = hf_attention.register(f"fastvision_broken_{name}", op, mask_builder)
+    backend = dataclasses.replace(api.REFERENCE, name=f"broken:{name}", attention=lambda request: registration)
     return _classes(backend)
 
 
@@ -69,3 +70,19 @@ def lm_head_in_the_language_model(kwargs):
 def vision_quantized_by_default(kwargs):
     """Unsloth's behaviour: the vision tower is quantized unless the user says otherwise."""
     yield {"quantize_vision": True, **kwargs}
+
+
+
+def swapped(module, attribute: str, make):
+    """A `wrap` for load_classes: `module.attribute` is `make(original)` for the duration of each load."""
+
+    @contextlib.contextmanager
+    def wrap(kwargs):
+        original = getattr(module, attribute)
+        setattr(module, attribute, make(original))
+        try:
+            yield kwargs
+        finally:
+            setattr(module, attribute, original)
+
+    return wrap
