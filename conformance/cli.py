@@ -19,6 +19,7 @@ import time
 
 from conformance import zoo
 from conformance.families import FAMILIES
+from conformance.plugin import PROFILES
 
 MODES = {
     "4bit": {"load_in_4bit": True},
@@ -115,7 +116,8 @@ def conformance(args) -> int:
     from conformance.runner import run_conformance
 
     workers = ["-n", str(args.workers)] if args.workers > 1 else []  # pytest-xdist
-    return run_conformance(args.backend, device=args.device, junit=args.junit, json_path=args.json, extra_args=workers)
+    return run_conformance(args.backend, device=args.device, junit=args.junit, json_path=args.json, extra_args=workers,
+                           profile=args.profile)  # fmt: skip
 
 
 def build_zoo(args) -> int:
@@ -143,6 +145,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--junit", default=None)
     p.add_argument("--json", default=None)
     p.add_argument("--workers", type=int, default=1, help="run the suite in this many processes (pytest-xdist)")
+    p.add_argument("--profile", default=None, choices=tuple(PROFILES),
+                   help="hypothesis profile: dev (default), ci (CI=1: fixed examples), gpu, thorough (>= 1,000 "
+                   "drawn load calls per family)")  # fmt: skip
     p.set_defaults(run=conformance)
     p = commands.add_parser("zoo", help="build the tiny offline checkpoints and print where they are")
     p.add_argument("--family", default=None, choices=zoo.FAMILIES)

@@ -3,7 +3,13 @@
 Installed as a `pytest11` entry point, so `pytest --pyargs conformance --backend X` works from any
 directory. The backend is a module exposing `FastVisionModel`, `FastModel` and `FastBaseModel`:
 `reference`, `optimized`, or any importable module of the user's. The suite never imports a backend
-itself; tests receive it through the `backend` fixture.
+itself; tests receive it through the `backend` fixture (in `conformance/conftest.py`, so only the
+suite's own tests see it).
+
+Being installed must not change anyone else's test run: with no backend chosen the plugin loads no
+hypothesis profile, writes no environment variable, adds no report line and touches no test outside
+this package. Its options are `--fastvision-backend` and `--fastvision-device`, with `--backend` and
+`--device` as aliases wherever the project under test has not taken those names itself.
 """
 
 from __future__ import annotations
@@ -12,50 +18,101 @@ import importlib
 import os
 import platform
 import types
+from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, settings
 
 BACKEND_ENV = "FASTVISION_BACKEND"
 DEVICE_ENV = "FASTVISION_DEVICE"
 REQUIRED_NAMES = ("FastVisionModel", "FastModel", "FastBaseModel")
-
-_slow_ok = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture]
-settings.register_profile("dev", max_examples=20, deadline=None, suppress_health_check=_slow_ok)
-# CI: the same examples every run (derandomize) and a bound on their number, so the suite's time is known.
-settings.register_profile(
-    "ci", max_examples=12, deadline=None, derandomize=True, suppress_health_check=_slow_ok, print_blob=True
-)
-settings.register_profile("gpu", max_examples=40, deadline=None, suppress_health_check=_slow_ok)
-settings.load_profile("ci" if os.environ.get("CI") else "dev")
+SUITE_DIR = Path(__file__).resolve().parent
+GROUP = "fastvision"
+# option dest -> (long option, alias, help)
+OPTIONS = {
+    "fastvision_backend": ("--fastvision-backend", "--backend",
+                           f"backend under test: reference, optimized, or a module path (fallback: ${BACKEND_ENV})"),
+    "fastvision_device": ("--fastvision-device", "--device", f"device the suite runs on: cpu or cuda (fallback: "
+                          f"${DEVICE_ENV}, else cpu)"),
+}  # fmt: skip
+# Hypothesis profiles of the suite, registered and loaded only for a conformance run. "ci": the same examples
+# every run (derandomize) and a bound on their number, so the suite's time is known; "thorough": the GPU
+# profile's counts, and deep argument fuzzing (ARGUMENT_FUZZ_EXAMPLES drawn calls per family), for a one-off
+# audit rather than CI.
+PROFILES = {
+    "dev": {"max_examples": 20},
+    "ci": {"max_examples": 12, "derandomize": True, "print_blob": True},
+    "gpu": {"max_examples": 40},
+    "thorough": {"max_examples": 40},
+}
+ARGUMENT_FUZZ_EXAMPLES = {"thorough": 1000}
+_active_profile: list[str] = []  # the profile loaded for this run, once chosen
 
 
 def pytest_addoption(parser):
-    group = parser.getgroup("fastvision")
-    group.addoption(
-        "--backend",
-        default=None,
-        help=f"backend under test: reference, optimized, or a module path (fallback: ${BACKEND_ENV})",
-    )
-    group.addoption(
-        "--device",
-        default=None,
-        choices=("cpu", "cuda"),
-        help=f"device the suite runs on (fallback: ${DEVICE_ENV}, else cpu)",
-    )
+    group = parser.getgroup(GROUP)
+    for dest, (name, _alias, text) in OPTIONS.items():
+        group.addoption(name, dest=dest, default=None, help=text)
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "gpu: needs --device cuda")
-    config.addinivalue_line("markers", "expensive: slow; fewer hypothesis examples")
-    config.addinivalue_line("markers", "family(name): the model family a test exercises")
-    device = config.getoption("--device") or os.environ.get(DEVICE_ENV) or "cpu"
-    os.environ[DEVICE_ENV] = device  # kernel tests and subprocesses read it
-    config.fastvision_device = device
+@pytest.hookimpl(wrapper=True)
+def pytest_load_initial_conftests(early_config, parser, args):
+    """After the project's own conftests declared their options: alias --backend/--device if still free."""
+    result = yield
+    taken = {name for group in (parser._anonymous, *parser._groups) for option in group.options
+             for name in option.names()}  # fmt: skip
+    group = parser.getgroup(GROUP)
+    for dest, (_name, alias, text) in OPTIONS.items():
+        if alias not in taken:
+            group.addoption(alias, dest=dest, default=None, help=f"alias of --{dest.replace('_', '-')}: {text}")
+    return result
 
 
 def backend_name(config) -> str | None:
-    return config.getoption("--backend") or os.environ.get(BACKEND_ENV)
+    return config.getoption("fastvision_backend") or os.environ.get(BACKEND_ENV)
+
+
+def is_conformance_run(config) -> bool:
+    return backend_name(config) is not None
+
+
+def register_profiles() -> None:
+    from hypothesis import HealthCheck, settings
+
+    slow_ok = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture]
+    for name, values in PROFILES.items():
+        settings.register_profile(name, deadline=None, suppress_health_check=slow_ok, **values)
+
+
+def use_profiles(config) -> None:
+    """Register the suite's profiles and load the default one ("ci" under CI, else "dev"), unless the run
+    names one with hypothesis' own --hypothesis-profile."""
+    from hypothesis import settings
+
+    register_profiles()
+    chosen = config.getoption("hypothesis_profile", None)
+    if not chosen:
+        chosen = "ci" if os.environ.get("CI") else "dev"
+        settings.load_profile(chosen)
+    _active_profile[:] = [chosen]
+
+
+def argument_fuzz_examples() -> int:
+    """How many load calls the argument fuzz draws per family: ARGUMENT_FUZZ_EXAMPLES for the loaded
+    profile, else the profile's own max_examples."""
+    from hypothesis import settings
+
+    return ARGUMENT_FUZZ_EXAMPLES.get(_active_profile[0] if _active_profile else "", settings().max_examples)
+
+
+@pytest.hookimpl(tryfirst=True)  # before hypothesis' plugin loads a --hypothesis-profile by name
+def pytest_configure(config):
+    config.fastvision_device = config.getoption("fastvision_device") or os.environ.get(DEVICE_ENV) or "cpu"
+    if not is_conformance_run(config):
+        return
+    config.addinivalue_line("markers", "gpu: needs --device cuda")
+    config.addinivalue_line("markers", "expensive: slow; fewer hypothesis examples")
+    config.addinivalue_line("markers", "family(name): the model family a test exercises")
+    use_profiles(config)
 
 
 def load_backend(name: str) -> types.ModuleType:
@@ -69,39 +126,34 @@ def load_backend(name: str) -> types.ModuleType:
     return module
 
 
+def in_suite(item) -> bool:
+    return SUITE_DIR in Path(str(item.path)).resolve().parents
+
+
 def pytest_collection_modifyitems(config, items):
-    needs_backend = any("backend" in getattr(item, "fixturenames", ()) for item in items)
-    if needs_backend and backend_name(config) is None:
+    suite = [item for item in items if in_suite(item)]
+    if suite and backend_name(config) is None:
         raise pytest.UsageError(
             f"the conformance suite needs a backend: pass --backend reference|optimized|some.module, or set "
             f"{BACKEND_ENV}."
         )
     if config.fastvision_device != "cuda":
         skip_gpu = pytest.mark.skip(reason="needs --device cuda")
-        for item in items:
+        for item in suite:
             if "gpu" in item.keywords:
                 item.add_marker(skip_gpu)
 
 
 def pytest_report_header(config):
+    if not is_conformance_run(config):
+        return None
     import torch
     import transformers
 
     lines = [
-        f"fastvision backend: {backend_name(config) or '(none)'}; device: {config.fastvision_device}",
+        f"fastvision backend: {backend_name(config)}; device: {config.fastvision_device}",
         f"torch {torch.__version__}, transformers {transformers.__version__}, python {platform.python_version()}",
     ]
     if config.fastvision_device == "cuda" and torch.cuda.is_available():
         lines.append(f"gpu: {torch.cuda.get_device_name()}")
-    lines.append("env: " + ", ".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("FASTVISION")))
     return lines
-
-
-@pytest.fixture(scope="session")
-def backend(request) -> types.ModuleType:
-    return load_backend(backend_name(request.config))
-
-
-@pytest.fixture(scope="session")
-def device(request) -> str:
-    return request.config.fastvision_device

@@ -107,10 +107,15 @@ def run_conformance(
     junit: str | None = None,
     json_path: str | None = None,
     extra_args: Sequence[str] = (),
+    profile: str | None = None,
 ) -> int:
     """Run `pytest --pyargs conformance --backend BACKEND --device DEVICE`, print the area x family table,
-    write JUnit XML to `junit` and a JSON summary to `json_path` when given; return pytest's exit code."""
-    args = ["--pyargs", "conformance", "--backend", backend, "--device", device, "-p", "no:cacheprovider"]
+    write JUnit XML to `junit` and a JSON summary to `json_path` when given; return pytest's exit code.
+    `profile` names one of the suite's hypothesis profiles (plugin.PROFILES), e.g. "thorough"."""
+    args = ["--pyargs", "conformance", "--fastvision-backend", backend, "--fastvision-device", device,
+            "-p", "no:cacheprovider"]  # fmt: skip
+    if profile:
+        args += ["--hypothesis-profile", profile]
     if junit:
         args += ["--junitxml", str(junit)]
     collector = Collector()
@@ -120,7 +125,7 @@ def run_conformance(
     print(format_table(rows) if rows else "(no tests ran)")
     sys.stdout.flush()
     if json_path:
-        summary = {"backend": backend, "device": device, "versions": versions(), "exit_code": exit_code,
-                   "rows": rows, "failures": failures}  # fmt: skip
+        summary = {"backend": backend, "device": device, "profile": profile, "versions": versions(),
+                   "exit_code": exit_code, "rows": rows, "failures": failures}  # fmt: skip
         Path(json_path).write_text(json.dumps(summary, indent=1) + "\n")
     return exit_code
