@@ -138,7 +138,7 @@ def expect_error(
 
 
 def expect_offline_error(fn: Callable[[], object], *, names: Iterable[str] = (), repro: str) -> SeenError:
-    """CONTRACT.md: an uncached hub id offline raises `OfflineError`, an `OSError`."""
+    """docs/contract.md: an uncached hub id offline raises `OfflineError`, an `OSError`."""
     return expect_error(fn, OSError, names=names, class_name="OfflineError", repro=repro)
 
 

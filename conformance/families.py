@@ -1,6 +1,6 @@
 """The suite's own knowledge of each family: where its parts live in a loaded model, what it is called.
 
-Written from transformers 5's `...ForConditionalGeneration` classes and CONTRACT.md, independently of
+Written from transformers 5's `...ForConditionalGeneration` classes and docs/contract.md, independently of
 every backend (the suite never reads a backend's family records: a backend whose records were wrong
 would otherwise agree with itself). Module paths are the in-memory ones (`model.language_model`, not the
 on-disk `language_model.model` whose rename broke Unsloth's skip list, unslothai/unsloth#4208).
@@ -36,7 +36,7 @@ class Family:
     embed_tokens: str = "model.language_model.embed_tokens"
     lm_head: str = "lm_head"
     tied_embeddings: bool = False  # lm_head shares the input embedding's weight (offload is refused)
-    fast_inference: bool = False  # CONTRACT.md: fast_inference is allowed for Qwen2.5-VL and Gemma3 only
+    fast_inference: bool = False  # docs/contract.md: fast_inference is allowed for Qwen2.5-VL and Gemma3 only
 
 
 FAMILIES: dict[str, Family] = {

@@ -5,7 +5,7 @@ from __future__ import annotations
 # ======================================================================================= load kwargs
 # Draws of `from_pretrained` keyword arguments: valid ones, where a default passed explicitly must
 # behave as one left out (array-api-tests' `specified_kwargs`/KVD idiom), and invalid ones for every
-# argument with the builtin errors CONTRACT.md allows. Defaults and accepted values are CONTRACT.md's.
+# argument with the builtin errors docs/contract.md allows. Defaults and accepted values are docs/contract.md's.
 import typing  # noqa: E402
 
 import torch  # noqa: E402
@@ -34,7 +34,7 @@ def specified_kwargs(draw, *keys_values_defaults: KVD) -> dict:
     return kw
 
 
-# CONTRACT.md's defaults of the arguments drawn here.
+# docs/contract.md's defaults of the arguments drawn here.
 DEFAULTS = {
     "max_seq_length": 2048, "dtype": None, "load_in_4bit": True, "load_in_8bit": False, "load_in_16bit": False,
     "full_finetuning": False, "device_map": "sequential", "trust_remote_code": False,
@@ -47,7 +47,7 @@ DEFAULTS = {
 def _kvd(keyword: str, value) -> KVD:
     return KVD(keyword, value, DEFAULTS[keyword])
 
-# CONTRACT.md's dtype names; None is resolved per device.
+# docs/contract.md's dtype names; None is resolved per device.
 DTYPE_NAMES = {
     "float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
     "float32": torch.float32, "fp32": torch.float32,
@@ -57,11 +57,11 @@ DTYPE_NAMES = {
 TORCH_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 dtypes = st.sampled_from((None, *TORCH_DTYPES, *DTYPE_NAMES))
 
-# 511/512: the boundary of CONTRACT.md's "unsloth" checkpointing rule (< 512 is plain checkpointing).
+# 511/512: the boundary of docs/contract.md's "unsloth" checkpointing rule (< 512 is plain checkpointing).
 max_seq_lengths = st.one_of(st.sampled_from((1, 255, 511, 512, 513, 2048)), st.integers(1, 2**20))
 checkpointing_values = st.sampled_from((True, False, "unsloth"))
 
-# The three load flags of each mode; "16bit" also as "every flag False" (CONTRACT.md: "None True and
+# The three load flags of each mode; "16bit" also as "every flag False" (docs/contract.md: "None True and
 # not full finetuning: 16-bit"). load_in_4bit defaults to True, so every other mode passes it False.
 MODE_FLAGS = {
     "4bit": (True, False, False),
@@ -72,7 +72,7 @@ MODE_FLAGS = {
 
 
 def resolved_mode(kwargs: dict) -> str:
-    """"4bit", "8bit", "16bit" or "full", as CONTRACT.md resolves the load flags."""
+    """"4bit", "8bit", "16bit" or "full", as docs/contract.md resolves the load flags."""
     if kwargs.get("full_finetuning", False):
         return "full"
     if kwargs.get("load_in_4bit", True):
@@ -90,7 +90,7 @@ def device_maps(device: str):
 @st.composite
 def load_kwargs(draw, device: str = "cpu", modes=tuple(MODE_FLAGS)) -> dict:
     """Valid keyword arguments of one load (model_name aside), defaults randomly left out. vLLM-only
-    arguments are drawn too: CONTRACT.md validates them always and uses them only with fast_inference."""
+    arguments are drawn too: docs/contract.md validates them always and uses them only with fast_inference."""
     flags = MODE_FLAGS[draw(st.sampled_from(modes))]
     kvds = [
         _kvd("load_in_4bit", flags[0]),
@@ -129,18 +129,18 @@ def harmless_kwargs(draw, exclude: typing.Iterable[str] = ()) -> dict:
 
 
 class Invalid(typing.NamedTuple):
-    values: typing.Any  # a strategy of values CONTRACT.md does not accept
+    values: typing.Any  # a strategy of values docs/contract.md does not accept
     errors: tuple[type[BaseException], ...]  # the builtins a rejection may be an instance of
 
 
-_ARGUMENT_ERRORS = (TypeError, ValueError)  # CONTRACT.md names no narrower builtin for these rows
+_ARGUMENT_ERRORS = (TypeError, ValueError)  # docs/contract.md names no narrower builtin for these rows
 _junk = st.one_of(st.none(), st.integers(), st.floats(), st.text(max_size=6), st.lists(st.integers(), max_size=2))
 _not_bool = _junk.filter(lambda v: not isinstance(v, bool))
 _not_int = st.one_of(st.none(), st.floats(), st.text(max_size=6), st.lists(st.integers(), max_size=2))
 
 
 def _not_a_dtype_name(text: str) -> bool:
-    # "half" and "float" are torch's aliases, but CONTRACT.md lists the six names only.
+    # "half" and "float" are torch's aliases, but docs/contract.md lists the six names only.
     return text not in DTYPE_NAMES
 
 
@@ -161,11 +161,11 @@ INVALID: dict[str, Invalid] = {
             st.sampled_from((torch.float64, torch.int8, torch.int32, torch.uint8, torch.complex64)),
             st.integers(), st.floats(), st.lists(st.integers(), max_size=2),
         ),
-        (TypeError, ValueError),  # CONTRACT.md: "Anything else: TypeError/ValueError"
+        (TypeError, ValueError),  # docs/contract.md: "Anything else: TypeError/ValueError"
     ),
     "token": Invalid(st.one_of(st.integers(), st.floats(), st.booleans(), st.lists(st.text(max_size=3), max_size=2)),
                      _ARGUMENT_ERRORS),  # fmt: skip
-    # Ints and None are left out: transformers accepts them, CONTRACT.md does not list them; a backend
+    # Ints and None are left out: transformers accepts them, docs/contract.md does not list them; a backend
     # may pass them on.
     "device_map": Invalid(
         st.one_of(st.sampled_from(("nowhere", "gpu", "cuda:x", "balanced_high", "")), st.floats(),
@@ -186,9 +186,9 @@ INVALID: dict[str, Invalid] = {
     "use_gradient_checkpointing": Invalid(
         st.one_of(st.text(max_size=10).filter(lambda s: s != "unsloth"), st.none(),
                   st.integers().filter(lambda i: i not in (0, 1)), st.floats().filter(lambda f: f not in (0, 1))),
-        (ValueError,),  # CONTRACT.md: "Any other value: ValueError"
+        (ValueError,),  # docs/contract.md: "Any other value: ValueError"
     ),  # fmt: skip
-    "whisper_language": Invalid(st.text(max_size=8), (ValueError,)),  # CONTRACT.md: "set on a VLM: ValueError"
+    "whisper_language": Invalid(st.text(max_size=8), (ValueError,)),  # docs/contract.md: "set on a VLM: ValueError"
     "whisper_task": Invalid(st.sampled_from(("transcribe", "translate", "")), (ValueError,)),
     "auto_config": Invalid(
         st.one_of(st.dictionaries(st.text(max_size=4), st.integers(), max_size=2), st.text(max_size=6), st.integers()),

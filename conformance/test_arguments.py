@@ -1,4 +1,4 @@
-"""Every argument row of CONTRACT.md: what each value does to the loaded model, and how each value the
+"""Every argument row of docs/contract.md: what each value does to the loaded model, and how each value the
 contract does not accept is rejected (builtin type, message naming the argument and the value).
 
 Loads are of the zoo's tiny checkpoints (0.1-1.5 s each on a CPU), so hypothesis tests that load bound
@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from conformance import checks, inputs, strategies, tolerances, zoo
+from conformance import checks, inputs, plugin, strategies, tolerances, zoo
 from conformance.families import FAMILIES, params
 
 ALL = params()
@@ -56,7 +56,7 @@ def default_load(backend):
 
 
 def resolved_dtype(dtype, device: str) -> torch.dtype:
-    """CONTRACT.md: None is bf16 on a GPU that has it, else fp16 on a GPU, float32 on the CPU."""
+    """docs/contract.md: None is bf16 on a GPU that has it, else fp16 on a GPU, float32 on the CPU."""
     if isinstance(dtype, str):
         dtype = strategies.DTYPE_NAMES[dtype]
     on_gpu = device == "cuda"
@@ -97,7 +97,7 @@ def use_cache_values(model) -> dict[str, object]:
 
 # ----------------------------------------------------------------------------- the model of the contract
 def check_load_matches_contract(model, family: str, kwargs: dict, device: str, repro: str) -> None:
-    """Everything CONTRACT.md predicts from the arguments of one load, observed on the model."""
+    """Everything docs/contract.md predicts from the arguments of one load, observed on the model."""
     mode = strategies.resolved_mode(kwargs)
     plan_kinds = set(model.quantization_plan.kinds().values()) - {"keep"}
     want_kinds = {"4bit": {"nf4"}, "8bit": {"int8"}}.get(mode, set())
@@ -166,6 +166,36 @@ def test_unknown_keyword_is_rejected_by_name(backend, suffix):
     kwargs = {**SIXTEEN_BIT, name: 1}
     checks.expect_error(lambda: backend.FastVisionModel.from_pretrained(zoo.checkpoint("llava"), **kwargs),
                         (TypeError, ValueError), names=(name,), repro=repro)  # fmt: skip
+
+
+# ------------------------------------------------------------------------------- arguments at depth
+def _drawn_invalid(data, count: int) -> dict:
+    names = data.draw(st.lists(st.sampled_from(sorted(set(strategies.INVALID) - {"model_name"})), min_size=count,
+                               max_size=count, unique=True), label="invalid arguments")  # fmt: skip
+    return {name: data.draw(strategies.INVALID[name].values, label=name) for name in names}
+
+
+@pytest.mark.parametrize("family", ALL)
+@settings(max_examples=plugin.argument_fuzz_examples(), phases=NO_SHRINK)  # 1,000 under --profile thorough
+@given(data=st.data())
+def test_every_drawn_call_loads_or_raises_a_documented_error_naming_an_argument(backend, device, family, data):
+    # Valid calls of every shape, and the same with one or two arguments made invalid: a valid call must load
+    # as the contract says; any invalid one must raise a builtin the contract names, naming one of them.
+    kwargs = data.draw(strategies.load_kwargs(device), label="valid")
+    invalid = _drawn_invalid(data, data.draw(st.sampled_from((0, 0, 1, 2)), label="how many invalid"))
+    kwargs.update(invalid)
+    repro = checks.call(checks.zoo_path(family), **kwargs)
+    if not invalid:
+        with checks.reproducing(repro):
+            model, _ = backend.FastVisionModel.from_pretrained(zoo.checkpoint(family), **kwargs)
+        check_load_matches_contract(model, family, kwargs, device, repro)
+        return
+    errors = tuple({error for name in invalid for error in strategies.INVALID[name].errors})
+    seen = checks.expect_error(lambda: backend.FastVisionModel.from_pretrained(zoo.checkpoint(family), **kwargs),
+                               errors, repro=repro)  # fmt: skip
+    checks.check(any(name in seen.message for name in invalid),
+                 f"{seen.type_name} names none of the invalid arguments {sorted(invalid)}: {seen.message!r}",
+                 repro=repro)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------- load modes
@@ -361,7 +391,7 @@ def checkpoint_functions(model) -> set:
     return {_describe(getattr(m, "_gradient_checkpointing_func", None)) for m in checkpointing_layers(model)}
 
 
-CHECKPOINTING = [  # (use_gradient_checkpointing, max_seq_length, what CONTRACT.md makes of it)
+CHECKPOINTING = [  # (use_gradient_checkpointing, max_seq_length, what docs/contract.md makes of it)
     (True, 2048, "plain"),
     (False, 2048, "off"),
     ("unsloth", 2048, "offloaded"),

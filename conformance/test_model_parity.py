@@ -128,3 +128,46 @@ def test_4bit_logits_keep_the_signal(backend, device, family, name):
     bound = tolerances.nf4_logits_min_sqnr_db(family)
     checks.check(sqnr >= bound, f"{family} {name}: 4-bit logits keep {sqnr:.1f} dB of the 16-bit eager model's "
                  f"signal, below {bound} dB", repro=repro)  # fmt: skip
+
+
+# ---------------------------------------------------------------- a mask transformers changed under us
+def sliding_window_overlay(sliding_window: int):
+    """transformers' `sliding_window_overlay` as a future release might write it: the same mask, its
+    captured variable renamed (`window`). Same function name, so a reader keyed on the factory's
+    qualified name takes it for the one it knows and meets a closure it cannot read."""
+    window = sliding_window
+
+    def inner_mask(batch_idx, head_idx, q_idx, kv_idx):
+        return kv_idx > q_idx - window
+
+    return inner_mask
+
+
+@pytest.mark.parametrize("mode", ["16bit", "4bit"])
+def test_a_mask_closure_the_backend_cannot_read_never_breaks_a_forward(backend, device, monkeypatch, mode):
+    # docs/contract.md: the attention falls back to the dense mask transformers builds, so a forward always runs
+    # and computes the model's own mask. Gemma3's sliding layers are built by this overlay; the batch runs
+    # past the window, so a mask without the window changes the logits.
+    from transformers import masking_utils
+
+    family, name = "gemma3", "past_sliding_window"
+    monkeypatch.setattr(masking_utils, "sliding_window_overlay", sliding_window_overlay)
+    kwargs = {"load_in_4bit": True} if mode == "4bit" else {"load_in_4bit": False, "load_in_16bit": True}
+    repro = _repro(family, name, device, **kwargs) + "  # masking_utils.sliding_window_overlay's variable renamed"
+    with checks.reproducing(repro):
+        model, processor = _backend_model(backend, family, device, mode)
+        batch, valid = _batch(processor, family, name, device)
+        with torch.no_grad():
+            got = model(**batch).logits
+            truth = _eager_model(family, device, torch.float32)(**batch).logits
+    if mode == "4bit":
+        sqnr, bound = tolerances.sqnr_db(truth[valid], got[valid]), tolerances.nf4_logits_min_sqnr_db(family)
+        checks.check(sqnr >= bound, f"4-bit logits keep {sqnr:.1f} dB of the eager model's signal, below {bound} dB "
+                     "(the sliding window lost?)", repro=repro)  # fmt: skip
+        return
+    dtype = model.get_input_embeddings().weight.dtype
+    with torch.no_grad():
+        eager_err = _error(_eager_model(family, device, dtype)(**batch).logits, truth, valid)
+    err, bound = _error(got, truth, valid), tolerances.model_logits_bound(eager_err, dtype)
+    checks.check(err <= bound, f"logits differ from transformers' eager model by {err:.3g} > {bound:.3g} (the "
+                 "sliding window lost?)", repro=repro)  # fmt: skip

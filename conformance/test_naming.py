@@ -3,7 +3,10 @@ and the error for a hub id that is neither local nor cached.
 
 Each test gets its own Hugging Face home under tmp_path holding only the repositories it names (a
 zoo checkpoint under the hub's `models--owner--name/snapshots/<commit>` layout), so which repository
-a load read is told by which one exists: a load that succeeds read the only one there.
+a load read is told by which one exists: a load that succeeds read the only one there. Where both twins
+of a table pair are cached, the 4-bit one is pre-quantized (`zoo.prequantized`), so which one a load
+read shows in its modules. The name resolution follows the load's decided mode: only a load that
+quantizes to 4-bit itself reads the twin; `tokenizer_name` resolves the same way as `model_name`.
 """
 
 from __future__ import annotations
@@ -17,11 +20,13 @@ import time
 
 import huggingface_hub
 import pytest
+import transformers
+from torch import nn
 
 from conformance import checks, zoo
 from conformance.families import FAMILIES, params
 
-# 16-bit id -> its pre-quantized twin, one pair per family: the name table CONTRACT.md describes
+# 16-bit id -> its pre-quantized twin, one pair per family: the name table docs/contract.md describes
 # (Unsloth's mapper holds the same pairs).
 TWINS = {
     "qwen2_vl": ("unsloth/Qwen2-VL-2B-Instruct", "unsloth/Qwen2-VL-2B-Instruct-bnb-4bit"),
@@ -76,12 +81,118 @@ def test_a_remap_drops_revision_with_a_warning(backend, hub_cache):
     checks.check_warned(recorded, "revision", repro=repro)
 
 
-def test_a_remapped_id_does_not_fall_back_to_the_original(backend, hub_cache):
+def _offline(monkeypatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+def _language_linears(model, family: str, quantized: bool) -> list[str]:
+    lm = model.get_submodule(FAMILIES[family].language_model)
+    return [n for n, m in lm.named_modules() if isinstance(m, nn.Linear) and
+            (not m.weight.dtype.is_floating_point) == quantized]  # fmt: skip
+
+
+@pytest.mark.parametrize("family", params(["llava", "qwen2_vl"]))
+def test_a_missing_twin_gives_the_cached_original_quantized_on_load(backend, hub_cache, monkeypatch, family):
+    # docs/contract.md: offline, a table id whose 4-bit twin is not at hand but whose original is cached loads
+    # the original and quantizes it as asked, and the plan says so.
+    _offline(monkeypatch)
+    sixteen, four = TWINS[family]
+    hub_cache.add(sixteen, zoo.checkpoint(family))
+    model, repro = load_id(backend, family, sixteen, load_in_4bit=True)
+    repro += f" (only {sixteen} cached, offline)"
+    plan = model.quantization_plan
+    checks.check_equal(set(plan.kinds().values()) - {"keep"}, {"nf4"}, "quantized kinds in the plan", repro=repro)
+    checks.check(_language_linears(model, family, quantized=True), "no language-model linear is 4-bit", repro=repro)
+    notes = " ".join(getattr(plan, "notes", ()))
+    checks.check(four in notes and sixteen in notes,
+                 f"the plan does not say the twin {four} was replaced by {sixteen}: notes {notes!r}", repro=repro)
+
+
+def test_neither_twin_nor_original_at_hand_is_an_offline_error_naming_the_twin(backend, hub_cache, monkeypatch):
+    _offline(monkeypatch)
     sixteen, four = TWINS["llava"]
-    hub_cache.add(sixteen, zoo.checkpoint("llava"))  # only the original: the table says to read the twin
-    repro = f"{checks.call(sixteen, load_in_4bit=True)}  # cache holds only {sixteen}"
+    repro = f"HF_HUB_OFFLINE=1: {checks.call(sixteen, load_in_4bit=True)}  # empty cache"
     checks.expect_offline_error(lambda: backend.FastVisionModel.from_pretrained(sixteen, load_in_4bit=True),
                                 names=(four,), repro=repro)  # fmt: skip
+
+
+@pytest.fixture
+def both_twins(hub_cache):
+    """The llava table pair in the cache: the 16-bit original and its pre-quantized -bnb-4bit twin (NF4
+    weights and a quantization_config of its own, as on the hub)."""
+    sixteen, four = TWINS["llava"]
+    hub_cache.add(sixteen, zoo.checkpoint("llava"))
+    hub_cache.add(four, zoo.prequantized("llava"))
+    return sixteen, four
+
+
+@pytest.mark.parametrize("model_id", ["sixteen", "four"])
+def test_full_finetuning_reads_the_16bit_original(backend, both_twins, model_id):
+    # The default load_in_4bit=True must not pick the 4-bit twin: its packed weights cannot train, and
+    # full finetuning would silently train only what is not 4-bit.
+    name = dict(zip(("sixteen", "four"), both_twins))[model_id]
+    with checks.recording_warnings():
+        model, repro = load_id(backend, "llava", name, full_finetuning=True)
+    quantized = _language_linears(model, "llava", quantized=True)
+    checks.check(not quantized, f"full finetuning loaded {len(quantized)} 4-bit linears, e.g. {quantized[:2]}",
+                 repro=repro)  # fmt: skip
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    checks.check(not frozen, f"full finetuning left {len(frozen)} parameters frozen, e.g. {frozen[:2]}", repro=repro)
+
+
+def test_a_user_quantization_config_reads_the_16bit_original(backend, both_twins):
+    sixteen, _ = both_twins
+    config = transformers.BitsAndBytesConfig(load_in_8bit=True)
+    repro = f"{checks.call(sixteen, quantization_config=checks.Raw('BitsAndBytesConfig(load_in_8bit=True)'))}"
+    with checks.reproducing(repro):
+        model, _ = backend.FastVisionModel.from_pretrained(sixteen, quantization_config=config)
+    kinds = set(model.quantization_plan.kinds().values()) - {"keep"}
+    checks.check_equal(kinds, {"int8"}, "quantized kinds in the plan (the twin's own 4-bit config won?)", repro=repro)
+
+
+# ------------------------------------------------------------------------------------ tokenizer_name
+WEIGHT_FILES = {"config.json", "model.safetensors", "generation_config.json"}
+
+
+@pytest.fixture
+def weights_only(tmp_path):
+    """A llava checkpoint directory without its processor files."""
+    shutil.copytree(zoo.checkpoint("llava"), tmp_path / "weights",
+                    ignore=lambda _d, names: [n for n in names if n not in WEIGHT_FILES])  # fmt: skip
+    return tmp_path / "weights"
+
+
+def _processor_from(backend, weights, tokenizer_name, **kwargs):
+    repro = checks.call(weights, tokenizer_name=tokenizer_name, load_in_4bit=False, **kwargs)
+    with checks.reproducing(repro):
+        _, processor = backend.FastVisionModel.from_pretrained(weights, tokenizer_name=tokenizer_name,
+                                                               load_in_4bit=False, **kwargs)  # fmt: skip
+    checks.check_equal(type(processor).__name__, FAMILIES["llava"].processor_class, "processor class", repro=repro)
+
+
+def test_tokenizer_name_hub_id_resolves_through_the_cache(backend, hub_cache, weights_only):
+    hub_cache.add(UNKNOWN_ID, zoo.checkpoint("llava"))
+    _processor_from(backend, weights_only, UNKNOWN_ID)
+
+
+def test_tokenizer_name_honours_cache_dir_and_revision(backend, tmp_path, weights_only):
+    cache = checks.HubCache(tmp_path / "elsewhere")
+    cache.add(UNKNOWN_ID, zoo.checkpoint("llava"))
+    _processor_from(backend, weights_only, UNKNOWN_ID, cache_dir=str(cache.hub), revision=checks.SNAPSHOT_COMMIT)
+
+
+@pytest.mark.parametrize("local_files_only", [False, True], ids=["HF_HUB_OFFLINE", "local_files_only"])
+def test_an_uncached_tokenizer_name_is_an_offline_error_naming_it(backend, hub_cache, monkeypatch, weights_only,
+                                                                  local_files_only):  # fmt: skip
+    if not local_files_only:
+        _offline(monkeypatch)
+    kwargs = {"local_files_only": True} if local_files_only else {}
+    repro = checks.call(weights_only, tokenizer_name=UNCACHED_ID, **kwargs)
+    seen = checks.expect_offline_error(
+        lambda: backend.FastVisionModel.from_pretrained(weights_only, tokenizer_name=UNCACHED_ID, **kwargs),
+        names=("tokenizer_name",), repro=repro)  # fmt: skip
+    check_offline_error_message(seen.message, UNCACHED_ID, repro)
 
 
 @pytest.mark.parametrize("model_id", [UNKNOWN_ID, UNKNOWN_ID + "-bnb-4bit"])

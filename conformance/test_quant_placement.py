@@ -1,4 +1,4 @@
-"""Quantization placement: the plan a load reports, the modules it loaded, and what CONTRACT.md asks —
+"""Quantization placement: the plan a load reports, the modules it loaded, and what docs/contract.md asks —
 all three equal, exactly, for every family and mode.
 
 The expectation is computed here, from the suite's own module paths (`conformance.families`), never
@@ -21,7 +21,7 @@ from transformers import BitsAndBytesConfig
 from conformance import checks, families, zoo
 
 KEEP = "keep"
-MODES = {  # mode -> the from_pretrained kwargs that ask for it (CONTRACT.md)
+MODES = {  # mode -> the from_pretrained kwargs that ask for it (docs/contract.md)
     "4bit": {"load_in_4bit": True},
     "8bit": {"load_in_4bit": False, "load_in_8bit": True},
     "16bit": {"load_in_4bit": False, "load_in_16bit": True},
@@ -54,7 +54,7 @@ def expected_kinds(model: nn.Module, *, kind: str | None, quantized_roots, kept_
 
 
 def fastvision_expectation(model: nn.Module, family: str, mode: str, quantize_vision: bool) -> dict[str, str]:
-    """CONTRACT.md's default placement for `mode`."""
+    """docs/contract.md's default placement for `mode`."""
     record = families.FAMILIES[family]
     quantized = [record.language_model] + ([record.vision_tower] if quantize_vision else [])
     kept = [record.projector, record.lm_head, record.embed_tokens]  # the merger sits inside Qwen's tower
@@ -96,7 +96,7 @@ def check_placement(model, family: str, expected: dict[str, str], *, what: str, 
     plan = model.quantization_plan
     modules = dict(_holders(model))
     reality = {name: observed_kind(module) for name, module in modules.items()}
-    checks.check(reality == expected, f"{what}: loaded modules differ from CONTRACT.md's placement, "
+    checks.check(reality == expected, f"{what}: loaded modules differ from docs/contract.md's placement, "
                  f"{_diff(reality, expected)}", repro=repro)  # fmt: skip
     checks.check(plan.kinds() == reality, f"{what}: model.quantization_plan differs from the loaded modules, "
                  f"{_diff(plan.kinds(), reality)}", repro=repro)  # fmt: skip

@@ -1,9 +1,12 @@
 """`from_pretrained`'s signature on all three entry points: names, order, kinds and defaults as in
-CONTRACT.md, so code written for Unsloth's loader runs unchanged; and the class relations it states."""
+docs/contract.md, so code written for Unsloth's loader runs unchanged; and the class relations it states."""
 
 from __future__ import annotations
 
+import ast
 import inspect
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,11 +16,11 @@ from conformance import checks, families, zoo
 
 ENTRIES = ("FastVisionModel", "FastModel", "FastBaseModel")
 
-# CONTRACT.md's default: Unsloth's AutoModelForVision2Seq where transformers still has it, else
+# docs/contract.md's default: Unsloth's AutoModelForVision2Seq where transformers still has it, else
 # AutoModelForImageTextToText (transformers 5 removed the old name).
 DEFAULT_AUTO_MODEL = getattr(transformers, "AutoModelForVision2Seq", transformers.AutoModelForImageTextToText)
 
-# CONTRACT.md's signature, in order, with its defaults; then **kwargs.
+# docs/contract.md's signature, in order, with its defaults; then **kwargs.
 SIGNATURE: tuple[tuple[str, object], ...] = (
     ("model_name", "unsloth/Llama-3.2-1B-Instruct"),
     ("max_seq_length", 2048),
@@ -86,7 +89,7 @@ def test_defaults(backend, entry):
         for name, default in SIGNATURE
         if name in params and not _same(params[name].default, default)
     ]
-    checks.check(not wrong, f"{entry}.from_pretrained defaults differ from CONTRACT.md: {wrong}",
+    checks.check(not wrong, f"{entry}.from_pretrained defaults differ from docs/contract.md: {wrong}",
                  repro=f"inspect.signature({entry}.from_pretrained)")  # fmt: skip
 
 
@@ -134,3 +137,31 @@ def test_suite_knows_every_zoo_family():
     # The suite's family records and the zoo must name the same families, or some go untested.
     checks.check_equal(set(families.NAMES), set(zoo.FAMILIES), "conformance.families vs zoo.FAMILIES",
                        repro="from conformance import families, zoo")  # fmt: skip
+
+
+# The contract document ships in the repository beside the packages; the suite keeps its signature true.
+CONTRACT_DOC = Path(__file__).resolve().parents[1] / "docs" / "contract.md"
+
+
+def documented_signature(text: str) -> list[tuple[str, str]]:
+    """(name, default source text) of the first `from_pretrained(` call in the document's python blocks."""
+    block = re.search(r"```python\n(FastBaseModel\.from_pretrained\((.*?)\) -> )", text, re.S)
+    if block is None:
+        raise AssertionError("docs/contract.md has no ```python block with FastBaseModel.from_pretrained(...)")
+    return re.findall(r"(\w+)=((?:<[^>]*>)|[^,]+?)(?=,\s|\s*$)", block.group(2).replace("\n", " "))
+
+
+def test_the_documented_signature_is_the_contract():
+    repro = "conformance.test_signature.documented_signature(open('docs/contract.md').read())"
+    documented = documented_signature(CONTRACT_DOC.read_text())
+    checks.check_equal([name for name, _ in documented], [name for name, _ in SIGNATURE],
+                       "parameters in docs/contract.md", repro=repro)  # fmt: skip
+    wrong = [f"{name}: {text} (contract: {default!r})" for (name, text), (_, default) in zip(documented, SIGNATURE)
+             if not text.startswith("<") and not _same(ast.literal_eval(text), default)]  # fmt: skip
+    checks.check(not wrong, f"defaults in docs/contract.md differ from the contract: {wrong}", repro=repro)
+
+
+def test_help_points_to_the_shipped_contract(backend):
+    doc = inspect.getdoc(backend.FastBaseModel.from_pretrained) or ""
+    checks.check("docs/contract.md" in doc, f"help(FastBaseModel.from_pretrained) does not point to docs/contract.md: "
+                 f"{doc!r}", repro="help(FastBaseModel.from_pretrained)")  # fmt: skip

@@ -474,15 +474,45 @@ def cache_dir() -> pathlib.Path:
 
 
 def checkpoint(family: str, *, seed: int = 0) -> pathlib.Path:
-    """The directory of the tiny `family` checkpoint, built on first use and cached.
+    """The directory of the tiny `family` checkpoint, built on first use and cached."""
+    recipe(family)  # validate before touching the disk
+    return _cached(f"{family}-seed{seed}-v{ZOO_VERSION}", lambda out: build(family, out, seed=seed))
+
+
+def prequantized(family: str, *, seed: int = 0) -> pathlib.Path:
+    """A pre-quantized copy of the tiny `family` checkpoint, as the hub's `-bnb-4bit` twins are: NF4
+    language-model linears saved packed, `quantization_config` in config.json, the processor beside it."""
+    source = checkpoint(family, seed=seed)
+    return _cached(f"{family}-seed{seed}-v{ZOO_VERSION}-bnb-4bit", lambda out: _quantize(family, source, out))
+
+
+def _quantize(family: str, source: pathlib.Path, out: pathlib.Path) -> None:
+    from transformers import BitsAndBytesConfig
+
+    from conformance.families import FAMILIES
+
+    family_record = FAMILIES[family]
+    config = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+        llm_int8_skip_modules=[family_record.vision_tower, family_record.projector, family_record.lm_head],
+    )  # fmt: skip
+    model = AutoModelForImageTextToText.from_pretrained(source, quantization_config=config, device_map="cpu")
+    model.save_pretrained(out)
+    for file in source.iterdir():
+        if not file.name.endswith(".safetensors") and file.name not in ("config.json", "generation_config.json"):
+            shutil.copy(file, out / file.name)
+
+
+def _cached(name: str, build_into: Callable[[pathlib.Path], object]) -> pathlib.Path:
+    """`cache_dir() / name`, built by `build_into(directory)` on first use.
 
     Safe when several processes (pytest-xdist workers) ask at once: the build goes to a private temp
     dir in the same parent and is renamed into place, under a file lock; a process that lost the
     race finds the finished directory and uses it.
     """
-    recipe(family)  # validate before touching the disk
     root = cache_dir()
-    final = root / f"{family}-seed{seed}-v{ZOO_VERSION}"
+    final = root / name
     if final.is_dir():  # only ever created by a rename of a complete build
         return final
     root.mkdir(parents=True, exist_ok=True)
@@ -492,7 +522,7 @@ def checkpoint(family: str, *, seed: int = 0) -> pathlib.Path:
         # Same parent, so the rename below is atomic: readers see no directory or a complete one.
         tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=root))
         try:
-            build(family, tmp, seed=seed)
+            build_into(tmp)
             tmp.chmod(0o755)  # mkdtemp made it owner-only; a CI cache may be shared between users
             try:
                 os.replace(tmp, final)

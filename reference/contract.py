@@ -1,6 +1,6 @@
 """The `from_pretrained` contract: every argument, its default, its validation and its errors.
 
-This is the one home of the signature (see ../shared/CONTRACT.md). `LoadRequest` is built once from a
+This is the one home of the signature (documented in docs/contract.md). `LoadRequest` is built once from a
 call and validated there; both backends load from it, so they can differ in ops but never in argument
 semantics. Every rejection names the argument, the value given and the values accepted.
 """
@@ -104,8 +104,10 @@ class LoadRequest:
 
     # ------------------------------------------------------------------ derived settings
     @property
-    def mode(self) -> str:
-        """ "4bit", "8bit", "16bit" or "full": full finetuning clears 4-bit and 8-bit (with a warning)."""
+    def requested_mode(self) -> str:
+        """What the arguments ask the weights to become: "4bit", "8bit", "16bit" or "full" (full finetuning
+        clears 4-bit and 8-bit, with a warning). Read once, by the loader's decision, which may still find
+        a checkpoint that is quantized already."""
         if self.full_finetuning:
             return "full"
         if self.kwargs.get("quantization_config") is not None:
@@ -117,15 +119,18 @@ class LoadRequest:
         return "16bit"
 
     @property
-    def gradient_checkpointing(self) -> bool | str:
+    def checkpointing_mode(self) -> bool | str:
         """True, False or "unsloth"; "unsloth" is plain True under 512 tokens."""
-        if self.use_gradient_checkpointing == "unsloth" and self.max_seq_length < OFFLOAD_MIN_SEQ_LENGTH:
-            return True
-        return self.use_gradient_checkpointing
+        return checkpointing_mode(self.use_gradient_checkpointing, self.max_seq_length)
 
     @property
     def quantize_vision(self) -> bool:
         return bool(self.kwargs.get("quantize_vision", False))
+
+    @property
+    def use_safetensors(self) -> bool | None:
+        """transformers' keyword: False lets a pickled checkpoint load (through torch's weights_only loader)."""
+        return self.kwargs.get("use_safetensors")
 
     def hub_kwargs(self) -> dict:
         return {k: self.kwargs[k] for k in HUB_KWARGS if k in self.kwargs}
@@ -157,6 +162,14 @@ class LoadRequest:
         if self.float32_mixed_precision is not None:
             return self.float32_mixed_precision
         return not (self.full_finetuning and dtype == torch.bfloat16)
+
+
+def checkpointing_mode(asked: bool | str, max_seq_length: int) -> bool | str:
+    """The checkpointing a use_gradient_checkpointing value gives: "unsloth" is plain True below
+    OFFLOAD_MIN_SEQ_LENGTH tokens."""
+    if asked == "unsloth" and max_seq_length < OFFLOAD_MIN_SEQ_LENGTH:
+        return True
+    return asked
 
 
 def mode_of_quantization_config(config) -> str:
@@ -241,6 +254,7 @@ def _check_types(r: LoadRequest) -> None:
         r.auto_config is None or isinstance(r.auto_config, transformers.PretrainedConfig),
         "None or a transformers PretrainedConfig",
     )
+    _expect(r, "use_safetensors", r.use_safetensors is None or _is_bool(r.use_safetensors), "None, True or False")
     _check_dtype_type(r.dtype)
     _check_device_map_type(r.device_map)
 

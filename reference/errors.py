@@ -54,10 +54,10 @@ class UnsupportedCombinationError(FastVisionError, NotImplementedError):
 class OfflineError(FastVisionError, OSError):
     """A hub id that is neither a local directory nor in the local cache, while the hub is out of reach."""
 
-    def __init__(self, model_name: str, reason: str):
-        self.model_name = model_name
+    def __init__(self, model_name: str, reason: str, argument: str = "model_name"):
+        self.model_name, self.argument = model_name, argument
         super().__init__(
-            f"model_name={model_name!r} is not a local directory and is not in the local Hugging Face cache, "
+            f"{argument}={model_name!r} is not a local directory and is not in the local Hugging Face cache, "
             f"and the hub cannot be reached ({reason}). Pass a local directory, or download it once while online "
             f"(`hf download {model_name}`), or set HF_HOME to a cache that holds it."
         )
@@ -75,3 +75,12 @@ class RemoteCodeError(FastVisionError, ValueError):
 
 class UnknownFamilyError(FastVisionError, ValueError):
     """The checkpoint's model_type is none of the families fastvision supports."""
+
+
+class CheckpointError(FastVisionError, ValueError):
+    """A checkpoint that is damaged, incomplete or disagrees with its own config: names the file, what is
+    wrong with it and what to do. Raised before any weight is read wherever the fault can be seen early."""
+
+    def __init__(self, path: Any, problem: str, remedy: str):
+        self.path, self.problem, self.remedy = path, problem, remedy
+        super().__init__(f"{path}: {problem}. {remedy}")

@@ -25,7 +25,18 @@ class FamilySpec:
     vision_attention: str = ""  # what the vision tower's attention computes, for people and the CLI
     text_attention: str = ""
     fast_inference: bool = False  # vLLM serves this family (Unsloth: Qwen2.5-VL and Gemma3 among ours)
+    # LoRA targets: the layer lists of the vision tower and the language model, and the names of each
+    # layer's attention and MLP blocks; every linear inside a selected block is a target.
+    vision_layers: str = ""
+    vision_blocks: tuple[str, str] = ("self_attn", "mlp")  # (attention, MLP) child names in a vision layer
+    text_layers: str = "model.language_model.layers"
+    text_blocks: tuple[str, str] = ("self_attn", "mlp")
+    # Tokens that stand for image content in the text: the collator masks them out of the labels.
+    image_tokens: tuple[str, ...] = ()
 
+
+# Qwen2-VL's vision span: <|vision_start|> <|image_pad|>... <|vision_end|>, and the video/vision pads.
+QWEN_IMAGE_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>", "<|vision_pad|>")
 
 FAMILIES: dict[str, FamilySpec] = {
     spec.name: spec
@@ -38,6 +49,9 @@ FAMILIES: dict[str, FamilySpec] = {
             projector="model.visual.merger",
             vision_attention="full attention per image (varlen cu_seqlens), 2-D RoPE",
             text_attention="causal GQA, M-RoPE",
+            vision_layers="model.visual.blocks",
+            vision_blocks=("attn", "mlp"),
+            image_tokens=QWEN_IMAGE_TOKENS,
         ),
         FamilySpec(
             name="qwen2_5_vl",
@@ -48,6 +62,9 @@ FAMILIES: dict[str, FamilySpec] = {
             vision_attention="windows of 64 patches, full attention on a few blocks",
             text_attention="causal GQA, M-RoPE",
             fast_inference=True,
+            vision_layers="model.visual.blocks",
+            vision_blocks=("attn", "mlp"),
+            image_tokens=QWEN_IMAGE_TOKENS,
         ),
         FamilySpec(
             name="llava",
@@ -57,6 +74,8 @@ FAMILIES: dict[str, FamilySpec] = {
             projector="model.multi_modal_projector",
             vision_attention="CLIP, no mask",
             text_attention="causal, Llama RoPE",
+            vision_layers="model.vision_tower.encoder.layers",
+            image_tokens=("<image>",),
         ),
         FamilySpec(
             name="pixtral",
@@ -66,6 +85,9 @@ FAMILIES: dict[str, FamilySpec] = {
             projector="model.multi_modal_projector",
             vision_attention="2-D RoPE, block-diagonal across images",
             text_attention="causal GQA (Mistral)",
+            vision_layers="model.vision_tower.transformer.layers",
+            vision_blocks=("attention", "feed_forward"),
+            image_tokens=("[IMG]", "[IMG_BREAK]", "[IMG_END]"),
         ),
         FamilySpec(
             name="gemma3",
@@ -76,6 +98,8 @@ FAMILIES: dict[str, FamilySpec] = {
             vision_attention="SigLIP, no mask",
             text_attention="causal GQA, sliding window on most layers, image tokens bidirectional",
             fast_inference=True,
+            vision_layers="model.vision_tower.encoder.layers",
+            image_tokens=("<start_of_image>", "<end_of_image>", "<image_soft_token>"),
         ),
     )
 }

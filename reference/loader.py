@@ -7,9 +7,9 @@ is checked before any weight is read, and a failure after the weights are loaded
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
-import json
 import logging
 import re
 from collections.abc import Callable
@@ -19,16 +19,19 @@ import torch
 from accelerate import init_empty_weights
 from transformers import AutoConfig, BitsAndBytesConfig
 
-from reference import naming, quantization, training
+from reference import adapters, checkpoint, merging, naming, quantization, training
 from reference.contract import LoadRequest, mode_of_quantization_config
 from reference.errors import (
     ArgumentTypeError,
     ArgumentValueError,
+    CheckpointError,
     MissingDependencyError,
     RemoteCodeError,
     UnsupportedCombinationError,
 )
 from reference.families import FAMILIES, FamilySpec, family_of
+from reference.hf_attention import AttentionRegistration
+from reference.instance_methods import weakly_bound
 from reference.processor import load_processor
 
 logger = logging.getLogger("fastvision")
@@ -37,36 +40,41 @@ logger = logging.getLogger("fastvision")
 @dataclasses.dataclass(frozen=True)
 class Backend:
     name: str  # "reference" or "optimized": set as model.fastvision_backend
-    attention_key: Callable[[LoadRequest], str]  # the registered transformers attention key for a request
+    attention: Callable[[LoadRequest], AttentionRegistration]  # the attention serving a request's model
     patch: Callable | None = None  # patch(model, family) -> None, after loading
 
 
-@dataclasses.dataclass
-class _Prepared:
-    """Everything decided before the weights are read."""
+@dataclasses.dataclass(frozen=True)
+class LoadDecision:
+    """Everything a load does, decided once by `_prepare` before any weight is read. The later steps read
+    it and never derive a setting again from the request."""
 
     request: LoadRequest
-    resolved: naming.ResolvedName
+    mode: str  # what the weights become: "4bit", "8bit", "16bit", "full" or "quantized" (another method)
+    plan_source: str  # who decides placement: "fastvision", "user quantization_config", "checkpoint ..."
+    dtype: torch.dtype
+    checkpointing: bool | str  # True, False or "unsloth" (after the < 512 tokens rule)
+    hub_kwargs: dict  # revision, cache_dir, local_files_only, subfolder, variant as the user passed them
+    model: naming.ResolvedName  # where the weights come from
+    processor_source: naming.ResolvedName  # where the processor comes from (tokenizer_name or the model's)
     config: object
     family: FamilySpec
-    dtype: torch.dtype
     device_map: object
-    quantization_config: object | None
-    plan_source: str
-    expected_plan: quantization.QuantPlan | None
+    quantization_config: object | None  # what transformers is given; None when nothing is quantized here
+    expected_plan: quantization.QuantPlan | None  # fastvision's own plan, checked against the loaded modules
+    adapter: Path | None = None  # a saved LoRA adapter directory to attach to the base once it is loaded
+    notes: tuple[str, ...] = ()  # what the user should know about the decision, carried onto the plan
 
 
 def load(request: LoadRequest, backend: Backend):
     """Load (model, processor) as `request` says, attention served by `backend`."""
-    prepared = _prepare(request)
-    model = _load_weights(prepared, backend)
+    decision = _prepare(request)
+    processor = _load_processor(decision)  # before the weights: a broken processor costs no device memory
+    model = _load_weights(decision, backend)
     try:
-        _finish(model, prepared, backend)
-        processor = load_processor(
-            request.tokenizer_name or prepared.resolved.path,
-            token=request.token,
-            trust_remote_code=request.trust_remote_code,
-        )
+        _finish(model, decision, backend, processor)
+        if decision.adapter is not None:
+            model = adapters.attach_saved_adapter(model, decision.adapter)
     except BaseException:
         _release(model)
         raise
@@ -74,14 +82,78 @@ def load(request: LoadRequest, backend: Backend):
 
 
 # ---------------------------------------------------------------------------- before the weights
-def _prepare(request: LoadRequest) -> _Prepared:
-    resolved = naming.resolve(
-        request.model_name, load_in_4bit=request.load_in_4bit, token=request.token, hub_kwargs=request.hub_kwargs()
-    )
-    _check_remote_code(resolved, request)
-    config = request.auto_config or AutoConfig.from_pretrained(
-        resolved.path, token=request.token, trust_remote_code=request.trust_remote_code
-    )
+def _prepare(request: LoadRequest) -> LoadDecision:
+    requested = request.requested_mode
+    hub = request.hub_kwargs()
+    model, processor_source, adapter = _resolve_sources(request, requested, hub)
+    checkpoint.check_processor_files(processor_source.path)
+    config = _read_config(request, model)
+    family = _check_config(request, config)
+    _check_device_available(request.device_map)
+    on_gpu = _on_gpu(request.device_map)
+    dtype = request.resolve_dtype(on_gpu, on_gpu and torch.cuda.is_bf16_supported())
+    mode, source = _decide_mode(request, requested, config, model)
+    skeleton = _skeleton(request, config)
+    if source != "checkpoint quantization_config":  # pre-quantized weights are packed: other shapes
+        weights = checkpoint.weight_files(_weights_dir(model, hub), variant=hub.get("variant"),
+                                          use_safetensors=request.use_safetensors)  # fmt: skip
+        checkpoint.check_against_model(weights, skeleton, model.path)
+    expected = None
+    if source == "fastvision":
+        expected = quantization.expected_plan(skeleton, family, mode, dtype, request.quantize_vision)
+    notes = tuple(dict.fromkeys(n for n in (model.note, processor_source.note) if n))
+    return LoadDecision(
+        request=request, mode=mode, plan_source=source, dtype=dtype, checkpointing=request.checkpointing_mode,
+        hub_kwargs=hub, model=model, processor_source=processor_source, config=config, family=family,
+        device_map=request.device_map if on_gpu else "cpu",
+        quantization_config=_quantization_config(request, mode, source, family, dtype), expected_plan=expected,
+        adapter=adapter, notes=notes,
+    )  # fmt: skip
+
+
+def _resolve_sources(request: LoadRequest, requested: str, hub: dict):
+    """(where the weights come from, where the processor comes from, a saved adapter directory or None).
+    Only a load that quantizes to 4-bit itself reads the pre-quantized twin; full finetuning, 8-bit and a
+    user's quantization_config read (or map back to) the 16-bit original, whose weights they need. A saved
+    adapter's base goes through the same naming; its processor is the one saved beside it, if any."""
+    to_twin = requested == "4bit" and request.kwargs.get("quantization_config") is None
+
+    def resolve(name, argument):
+        return naming.resolve(name, to_4bit_twin=to_twin, token=request.token, hub_kwargs=hub, argument=argument)
+
+    model = resolve(request.model_name, "model_name")
+    adapter = None
+    if (model.path / checkpoint.ADAPTER_CONFIG).is_file():
+        adapter = model.path
+        model = resolve(checkpoint.adapter_base(adapter), f"base_model_name_or_path in {adapter}")
+    processor_source = model
+    if request.tokenizer_name is not None:
+        processor_source = resolve(request.tokenizer_name, "tokenizer_name")
+    elif adapter is not None and checkpoint.has_processor_files(adapter):
+        processor_source = dataclasses.replace(model, path=adapter, note="")
+    return model, processor_source, adapter
+
+
+def _weights_dir(model: naming.ResolvedName, hub: dict) -> Path:
+    return model.path / hub["subfolder"] if hub.get("subfolder") else model.path
+
+
+def _read_config(request: LoadRequest, model: naming.ResolvedName):
+    if request.auto_config is not None:
+        return request.auto_config
+    raw = checkpoint.read_config(model.path)
+    if raw.get("auto_map") and not request.trust_remote_code:
+        raise RemoteCodeError(model.name, raw["auto_map"])
+    try:
+        return AutoConfig.from_pretrained(model.path, token=request.token, trust_remote_code=request.trust_remote_code)
+    except (ValueError, KeyError, TypeError, OSError) as error:  # a config transformers cannot build
+        raise CheckpointError(
+            model.path / "config.json", f"transformers cannot read it ({type(error).__name__}: {error})",
+            "Use the config.json that came with the checkpoint.",
+        ) from error  # fmt: skip
+
+
+def _check_config(request: LoadRequest, config) -> FamilySpec:
     if request.model_types is not None and config.model_type not in request.model_types:
         raise ArgumentValueError(
             "model_types",
@@ -91,18 +163,31 @@ def _prepare(request: LoadRequest) -> _Prepared:
         )
     family = family_of(config)
     _check_fast_inference(request, family)
-    _check_device_available(request.device_map)
-    on_gpu = _on_gpu(request.device_map)
-    dtype = request.resolve_dtype(on_gpu, on_gpu and torch.cuda.is_bf16_supported())
-    quant_config, source = _quantization_config(request, config, family, dtype)
-    expected = None
-    if source == "fastvision":
-        with init_empty_weights(), torch.random.fork_rng(devices=[]):  # the skeleton's init draws: not the caller's RNG
-            build = getattr(request.auto_model, "from_config", None) or request.auto_model._from_config
-            skeleton = build(config)  # auto classes have from_config; model classes _from_config
-        expected = quantization.expected_plan(skeleton, family, request.mode, dtype, request.quantize_vision)
-    device_map = request.device_map if on_gpu else "cpu"
-    return _Prepared(request, resolved, config, family, dtype, device_map, quant_config, source, expected)
+    return family
+
+
+def _decide_mode(request: LoadRequest, requested: str, config, model: naming.ResolvedName) -> tuple[str, str]:
+    """(mode, who decided placement). A checkpoint that is quantized already wins; full finetuning of one
+    is refused, since its packed weights cannot train."""
+    quantized = getattr(config, "quantization_config", None)
+    if quantized is not None:
+        if requested == "full":
+            raise ArgumentValueError(
+                "full_finetuning", True, "False for a checkpoint that is quantized already",
+                f"{model.name} holds {mode_of_quantization_config(quantized)} weights, which cannot be trained "
+                "in full; pass its 16-bit original.",
+            )  # fmt: skip
+        return mode_of_quantization_config(quantized), "checkpoint quantization_config"
+    if request.kwargs.get("quantization_config") is not None and requested != "full":
+        return requested, "user quantization_config"
+    return requested, "fastvision"
+
+
+def _skeleton(request: LoadRequest, config):
+    """The model the config builds, on the meta device: its structure and weight shapes, no memory."""
+    with init_empty_weights(), torch.random.fork_rng(devices=[]):  # the skeleton's init draws: not the caller's RNG
+        build = getattr(request.auto_model, "from_config", None) or request.auto_model._from_config
+        return build(config)  # auto classes have from_config; model classes _from_config
 
 
 def _check_device_available(device_map) -> None:
@@ -122,15 +207,6 @@ def _on_gpu(device_map) -> bool:
     return str(device_map) not in ("cpu",)
 
 
-def _check_remote_code(resolved: naming.ResolvedName, request: LoadRequest) -> None:
-    config_file = Path(resolved.path) / "config.json"
-    if request.trust_remote_code or not config_file.is_file():
-        return
-    auto_map = json.loads(config_file.read_text()).get("auto_map")
-    if auto_map:
-        raise RemoteCodeError(resolved.name, auto_map)
-
-
 def _check_fast_inference(request: LoadRequest, family: FamilySpec) -> None:
     if not request.fast_inference:
         return
@@ -144,49 +220,62 @@ def _check_fast_inference(request: LoadRequest, family: FamilySpec) -> None:
     raise UnsupportedCombinationError("fast_inference=True: fastvision does not serve through vLLM yet.")
 
 
-def _quantization_config(request: LoadRequest, config, family: FamilySpec, dtype: torch.dtype):
-    """(config to pass to transformers or None, who decided the placement)."""
-    if getattr(config, "quantization_config", None) is not None:
-        return None, "checkpoint quantization_config"
-    if request.kwargs.get("quantization_config") is not None:
-        return request.kwargs["quantization_config"], "user quantization_config"
-    if request.mode not in ("4bit", "8bit"):
-        return None, "fastvision"
+def _quantization_config(request: LoadRequest, mode: str, source: str, family: FamilySpec, dtype: torch.dtype):
+    """The config transformers quantizes with: the user's, fastvision's for a 4/8-bit load, else None."""
+    if source == "user quantization_config":
+        return request.kwargs["quantization_config"]
+    if source != "fastvision" or mode not in ("4bit", "8bit"):
+        return None
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
-        raise MissingDependencyError(f"load_in_{request.mode}=True", "bitsandbytes") from None
+        raise MissingDependencyError(f"load_in_{mode}=True", "bitsandbytes") from None
     skip = quantization.skip_modules(family, request.quantize_vision)
-    if request.mode == "8bit":
-        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip), "fastvision"
+    if mode == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=dtype,
         llm_int8_skip_modules=skip,
-    ), "fastvision"
+    )
+
+
+def _load_processor(decision: LoadDecision):
+    source = decision.processor_source
+    argument = "tokenizer_name" if decision.request.tokenizer_name is not None else "model_name"
+    failure = None
+    try:
+        return load_processor(source.path, token=decision.request.token,
+                              trust_remote_code=decision.request.trust_remote_code)  # fmt: skip
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, ImportError) as error:
+        failure = f"{type(error).__name__}: {error}"
+    raise CheckpointError(
+        source.path, f"its processor files cannot be loaded ({failure})",
+        f"Pass {argument}= a folder or hub id that holds the model's tokenizer and preprocessor files.",
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------- the weights
-def _load_weights(prepared: _Prepared, backend: Backend):
-    request = prepared.request
+def _load_weights(decision: LoadDecision, backend: Backend):
+    request = decision.request
     kwargs = dict(request.model_kwargs())
-    for key in ("subfolder", "variant"):
-        if key in request.kwargs:
-            kwargs[key] = request.kwargs[key]
-    if prepared.quantization_config is not None:
-        kwargs["quantization_config"] = prepared.quantization_config
-    attn = request.kwargs.get("attn_implementation") or backend.attention_key(request)
-    with torch.random.fork_rng(devices=[]):  # seed this load's draws without touching the caller's RNG
-        torch.manual_seed(request.random_state)
+    kwargs.update({key: decision.hub_kwargs[key] for key in ("subfolder", "variant") if key in decision.hub_kwargs})
+    if decision.quantization_config is not None:
+        kwargs["quantization_config"] = decision.quantization_config
+    chosen = request.kwargs.get("attn_implementation")
+    registration = None if chosen else backend.attention(request)
+    failure = None
+    with torch.random.fork_rng(devices=[]), (registration.held() if registration else contextlib.nullcontext()):
+        torch.manual_seed(request.random_state)  # seed this load's draws without touching the caller's RNG
         try:
-            return request.auto_model.from_pretrained(
-                prepared.resolved.path,
-                config=prepared.config,
-                dtype=prepared.dtype,
-                device_map=prepared.device_map,
-                attn_implementation=attn,
+            model = request.auto_model.from_pretrained(
+                decision.model.path,
+                config=decision.config,
+                dtype=decision.dtype,
+                device_map=decision.device_map,
+                attn_implementation=chosen or registration.key,
                 token=request.token,
                 trust_remote_code=request.trust_remote_code,
                 **kwargs,
@@ -200,7 +289,18 @@ def _load_weights(prepared: _Prepared, backend: Backend):
                 kwargs[rejected],
                 "a keyword the model class accepts",
                 f"{request.auto_model.__name__}.from_pretrained rejected it: {error}",
-            ) from error
+            ) from None
+        except torch.OutOfMemoryError:
+            raise
+        except (OSError, ValueError, RuntimeError, KeyError, IndexError, AttributeError, AssertionError) as error:
+            failure = f"{type(error).__name__}: {error}"  # kept as text: the error's frames hold the half-built model
+        else:
+            if registration is not None:
+                registration.hold(model)  # registered in transformers while this model lives
+            return model
+    _free_device_memory()
+    raise CheckpointError(decision.model.path, f"transformers could not load it ({failure})",
+                                     checkpoint.FRESH_DOWNLOAD)  # fmt: skip
 
 
 def _rejected_keyword(error: TypeError, kwargs: dict) -> str | None:
@@ -209,26 +309,26 @@ def _rejected_keyword(error: TypeError, kwargs: dict) -> str | None:
 
 
 # ---------------------------------------------------------------------------- after the weights
-def _finish(model, prepared: _Prepared, backend: Backend) -> None:
-    request, family = prepared.request, prepared.family
-    mode = request.mode
-    if prepared.plan_source == "checkpoint quantization_config":  # the checkpoint's quantization won
-        mode = mode_of_quantization_config(prepared.config.quantization_config)
-    plan = quantization.observed_plan(model, family, mode, prepared.plan_source)
-    if prepared.expected_plan is not None:
-        _check_plan(prepared.expected_plan, plan)
-        plan = prepared.expected_plan
+def _finish(model, decision: LoadDecision, backend: Backend, processor) -> None:
+    request, family = decision.request, decision.family
+    plan = quantization.observed_plan(model, family, decision.mode, decision.plan_source)
+    if decision.expected_plan is not None:
+        _check_plan(decision.expected_plan, plan)
+        plan = decision.expected_plan
     if backend.patch is not None:
         backend.patch(model, family)
-    master_fp32 = request.resolve_float32_mixed_precision(prepared.dtype)
-    training.set_trainable(model, request.full_finetuning, master_fp32)
-    training.enable_checkpointing(model, request.gradient_checkpointing)
+    master_fp32 = request.resolve_float32_mixed_precision(decision.dtype)
+    training.set_trainable(model, decision.mode == "full", master_fp32)
+    training.enable_checkpointing(model, decision.checkpointing)
     if request.offload_embedding:
         training.offload_embedding(model, tied=_embedding_tied(model))
     _set_max_seq_length(model, request.max_seq_length)
-    model.quantization_plan = plan
+    model.quantization_plan = dataclasses.replace(plan, notes=decision.notes)
     model.fastvision_backend = backend.name
     model.fastvision_family = family.name
+    model.fastvision_dtype = decision.dtype
+    model.fastvision_processor = processor  # for_training / for_inference set its padding side
+    model.save_pretrained_merged = weakly_bound(merging.save_pretrained_merged, model)
 
 
 def _check_plan(expected: quantization.QuantPlan, observed: quantization.QuantPlan) -> None:
@@ -259,6 +359,10 @@ def _release(model) -> None:
     except Exception:  # a dispatched or quantized model may refuse; dropping the reference still frees it
         logger.debug("could not move the failed model to meta", exc_info=True)
     del model
-    gc.collect()
+    _free_device_memory()
+
+
+def _free_device_memory() -> None:
+    gc.collect()  # a half-built model may sit in reference cycles
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -1,14 +1,17 @@
 """Model-name resolution: an explicit table, local directories, the Hugging Face cache, the hub.
 
-No fuzzy matching: with `load_in_4bit=True` a known 16-bit id maps to its pre-quantized `-bnb-4bit`
-twin, without it a `-bnb-4bit` id maps back. Unknown ids and local paths pass through unchanged. Offline
-(`HF_HUB_OFFLINE=1`, `local_files_only=True`, or no network), an id that is not cached fails at once with
-`OfflineError`: no hang, no retry loop.
+No fuzzy matching: when the load quantizes to 4-bit itself (the decided mode, not the raw flag), a known
+16-bit id maps to its pre-quantized `-bnb-4bit` twin; otherwise a `-bnb-4bit` id maps back. Unknown ids
+and local paths pass through unchanged. A twin that is not at hand while its original is (cached) gives
+the original, quantized on load, and says so. Offline (`HF_HUB_OFFLINE=1`, `local_files_only=True`, or no
+network), an id that is not cached fails at once with `OfflineError`: no hang, no retry loop. A name that
+is a path (absolute, `./`, `~`) to nothing is a `CheckpointError`, not a hub lookup.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -17,7 +20,9 @@ import huggingface_hub
 from huggingface_hub import constants as hub_constants
 from huggingface_hub import errors as hub_errors
 
-from reference.errors import OfflineError
+from reference.errors import CheckpointError, OfflineError
+
+logger = logging.getLogger("fastvision")
 
 # 16-bit id -> pre-quantized 4-bit twin. Lookups are case-insensitive (the hub's ids are).
 FOUR_BIT_TWINS = {
@@ -52,6 +57,7 @@ class ResolvedName:
     path: Path  # the local directory the load reads from
     remapped: bool
     source: str  # "local directory", "cache" or "hub"
+    note: str = ""  # what a user should know about the resolution (a twin replaced by its original)
 
 
 def remap(model_name: str, load_in_4bit: bool) -> str:
@@ -69,25 +75,73 @@ def is_offline(local_files_only: bool = False) -> bool:
     return bool(local_files_only) or from_env or hub_constants.HF_HUB_OFFLINE
 
 
-def resolve(model_name, *, load_in_4bit: bool, token=None, hub_kwargs: dict | None = None) -> ResolvedName:
-    """Where to load `model_name` from. A directory is used as is; an id goes through the table, then
-    the local cache, then (online) the hub. `hub_kwargs` may carry revision, cache_dir, local_files_only."""
+def looks_like_path(name: str) -> bool:
+    """A name only a filesystem path can be: absolute, `./`, `../`, `~`, or more than one `/` (a hub id
+    is `owner/name`)."""
+    return (
+        Path(name).is_absolute()
+        or name.startswith(("./", "../", "~", ".\\", "..\\"))
+        or name in (".", "..")
+        or name.count("/") > 1
+        or "\\" in name
+    )
+
+
+def resolve(
+    model_name, *, to_4bit_twin: bool, token=None, hub_kwargs: dict | None = None, argument: str = "model_name"
+) -> ResolvedName:
+    """Where to load `model_name` from. A directory is used as is; an id goes through the table (toward
+    the 4-bit twin when `to_4bit_twin`, else back to the 16-bit original), then the local cache, then
+    (online) the hub. `hub_kwargs` may carry revision, cache_dir, local_files_only. `argument` names the
+    argument in errors (model_name or tokenizer_name)."""
     hub_kwargs = dict(hub_kwargs or {})
     requested = os.fspath(model_name)
-    if Path(requested).expanduser().is_dir():
-        return ResolvedName(requested, requested, Path(requested).expanduser(), False, "local directory")
-    name = remap(requested, load_in_4bit)
-    if name != requested and hub_kwargs.pop("revision", None) is not None:
+    local = Path(requested).expanduser()
+    if local.is_dir():
+        return ResolvedName(requested, requested, local, False, "local directory")
+    if local.exists() or looks_like_path(requested):
+        problem = "is a file, not a checkpoint directory" if local.exists() else "is a path, and nothing is there"
+        raise CheckpointError(
+            f"{argument}={requested!r}",
+            f"{problem} ({local.resolve()})",
+            "Pass the directory that holds config.json and the weights, or a hub id 'owner/name'.",
+        )
+    name = remap(requested, to_4bit_twin)
+    if name == requested:
+        path, source = _snapshot(name, argument, token=token, **hub_kwargs)
+        return ResolvedName(requested, name, path, False, source)
+    twin_kwargs = dict(hub_kwargs)
+    if twin_kwargs.pop("revision", None) is not None:
         warnings.warn(
-            f"model_name={requested!r} was remapped to {name!r}, so revision= is dropped: it names a commit of "
+            f"{argument}={requested!r} was remapped to {name!r}, so revision= is dropped: it names a commit of "
             "the original repository, not of its twin.",
             stacklevel=5,
         )
-    path, source = _snapshot(name, token=token, **hub_kwargs)
-    return ResolvedName(requested, name, path, name != requested, source)
+    try:
+        path, source = _snapshot(name, argument, token=token, **twin_kwargs)
+        return ResolvedName(requested, name, path, True, source)
+    except OfflineError:
+        original = _cached_original(requested, argument, token, hub_kwargs) if to_4bit_twin else None
+        if original is None:
+            raise
+    note = (
+        f"the 4-bit twin {name} is not at hand, so the cached original {requested} is loaded and quantized "
+        "on load"
+    )
+    logger.warning("fastvision: %s.", note)
+    return ResolvedName(requested, requested, original, False, "cache", note)
 
 
-def _snapshot(name: str, *, token, revision=None, cache_dir=None, local_files_only=False, **_) -> tuple[Path, str]:
+def _cached_original(name: str, argument: str, token, hub_kwargs: dict) -> Path | None:
+    try:
+        return _snapshot(name, argument, token=token, **{**hub_kwargs, "local_files_only": True})[0]
+    except OfflineError:
+        return None
+
+
+def _snapshot(
+    name: str, argument: str, *, token, revision=None, cache_dir=None, local_files_only=False, **_
+) -> tuple[Path, str]:
     try:
         cached = huggingface_hub.snapshot_download(
             name, revision=revision, cache_dir=cache_dir, local_files_only=True, token=token
@@ -95,16 +149,19 @@ def _snapshot(name: str, *, token, revision=None, cache_dir=None, local_files_on
         return Path(cached), "cache"
     except hub_errors.LocalEntryNotFoundError:
         pass
+    except hub_errors.HFValidationError as error:
+        raise CheckpointError(f"{argument}={name!r}", f"is neither a directory nor a hub id ({error})",
+                              "Pass a local checkpoint directory or a hub id 'owner/name'.") from None  # fmt: skip
     if is_offline(local_files_only):
         why = "local_files_only=True" if local_files_only else "HF_HUB_OFFLINE is set"
-        raise OfflineError(name, why) from None
+        raise OfflineError(name, why, argument) from None
     try:
         return Path(huggingface_hub.snapshot_download(name, revision=revision, cache_dir=cache_dir, token=token)), "hub"
     except (hub_errors.RepositoryNotFoundError, hub_errors.GatedRepoError, hub_errors.RevisionNotFoundError):
         raise
     except (hub_errors.LocalEntryNotFoundError, OSError) as error:
-        raise OfflineError(name, f"{type(error).__name__}: {error}") from error
+        raise OfflineError(name, f"{type(error).__name__}: {error}", argument) from error
     except Exception as error:  # the HTTP client's own connection errors are not OSErrors
         if type(error).__module__.split(".")[0].startswith(("httpx", "requests", "urllib3")):
-            raise OfflineError(name, f"{type(error).__name__}: {error}") from error
+            raise OfflineError(name, f"{type(error).__name__}: {error}", argument) from error
         raise

@@ -46,6 +46,7 @@ class QuantPlan:
     mode: str  # "4bit" | "8bit" | "16bit" | "full" | "quantized"
     source: str  # "fastvision", "user quantization_config" or "checkpoint quantization_config"
     entries: tuple[PlanEntry, ...]
+    notes: tuple[str, ...] = ()  # what the load decided that a user should know (a twin replaced by its original)
 
     def kinds(self) -> dict[str, str]:
         return {e.module: e.kind for e in self.entries}
@@ -62,7 +63,8 @@ class QuantPlan:
     @classmethod
     def from_json(cls, text: str) -> QuantPlan:
         data = json.loads(text)
-        return cls(data["mode"], data["source"], tuple(PlanEntry(**e) for e in data["entries"]))
+        entries = tuple(PlanEntry(**e) for e in data["entries"])
+        return cls(data["mode"], data["source"], entries, tuple(data.get("notes", ())))
 
     def table(self) -> list[tuple[str, str, str, str]]:
         return [(e.module, e.kind, e.dtype, e.reason) for e in self.entries]
@@ -167,3 +169,22 @@ def observed_plan(model: nn.Module, family: FamilySpec, mode: str, source: str) 
             reason = f"{part_of(name, family)} linear" + ("" if source == "fastvision" else f" ({source})")
         entries.append(PlanEntry(name, kind, _dtype_name(dtype), reason))
     return QuantPlan(mode, source, tuple(entries))
+
+
+def dequantized(module: nn.Module, name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """`module`'s parameter or buffer `name` as a float tensor: bitsandbytes' NF4/FP4 and int8 weights
+    dequantized (their compute dtype), everything else as it is."""
+    kind = observed_kind(module)
+    if name != "weight" or kind == KEEP:
+        return tensor
+    import bitsandbytes.functional as bnb_functional
+
+    if kind in ("nf4", "fp4"):
+        return bnb_functional.dequantize_4bit(tensor.data, tensor.quant_state)
+    # LLM.int8: each row holds int8 codes (CB) and its absmax (SCB); weight = CB * SCB / 127.
+    codes = getattr(tensor, "CB", None)
+    codes = tensor.data if codes is None else codes
+    scales = getattr(tensor, "SCB", None)
+    if scales is None:
+        scales = module.state.SCB
+    return codes.float() * scales.float()[:, None] / 127.0

@@ -8,10 +8,15 @@ forward and back in the backward, so device memory for activations no longer gro
 from __future__ import annotations
 
 import functools
+import logging
 import warnings
 
 import torch
 from torch import nn
+
+from reference.instance_methods import weakly_bound
+
+logger = logging.getLogger("fastvision")
 
 
 class _OffloadedCheckpoint(torch.autograd.Function):
@@ -65,16 +70,37 @@ def offloaded_checkpoint(function, *args, **kwargs):
     return _OffloadedCheckpoint.apply(function, *args)
 
 
+# transformers >= 5.18 renamed the entry point; Trainer calls whichever the model's class defines.
+_ENABLE_NAMES = ("activation_checkpointing_enable", "gradient_checkpointing_enable")
+_DISABLE_NAMES = ("activation_checkpointing_disable", "gradient_checkpointing_disable")
+
+
+def _class_method(model: nn.Module, names: tuple[str, ...]) -> str:
+    return next(name for name in names if hasattr(type(model), name))
+
+
 def enable_checkpointing(model: nn.Module, mode: bool | str) -> None:
     """True: transformers' own checkpointing. "unsloth": the same with CPU-offloaded layer inputs.
     Either way `use_cache=False` (a cache is useless when layers are replayed) and the input embeddings
-    require grad, so checkpointed layers see a graph even with every base weight frozen."""
+    require grad, so checkpointed layers see a graph even with every base weight frozen.
+
+    transformers' Trainer (and TRL's SFTTrainer, whose SFTConfig turns gradient_checkpointing on by
+    default) calls the model's checkpointing entry point again at `train()`, which would silently replace
+    "unsloth" offloading with plain torch.utils.checkpoint; the model's own entry point is therefore set to
+    keep the mode chosen here."""
     if mode is False:
         return
-    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    _apply_checkpointing(model, mode)
+    model.fastvision_checkpointing = mode
+    name = _class_method(model, _ENABLE_NAMES)
+    setattr(model, name, weakly_bound(_keep_checkpointing, model))
+
+
+def _apply_checkpointing(model: nn.Module, mode: bool | str) -> None:
+    enable = getattr(type(model), _class_method(model, _ENABLE_NAMES))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        enable({"use_reentrant": False})
+        enable(model, {"use_reentrant": False})
     if mode == "unsloth":
         for module in model.modules():
             if getattr(module, "gradient_checkpointing", False):
@@ -82,6 +108,27 @@ def enable_checkpointing(model: nn.Module, mode: bool | str) -> None:
     for config in _all_configs(model.config):
         config.use_cache = False
     model.enable_input_require_grads()
+
+
+def _keep_checkpointing(model: nn.Module, *args, **kwargs) -> None:
+    """What a Trainer's call of the checkpointing entry point does to a fastvision model: the mode chosen
+    at load (or by get_peft_model / for_training) again, whatever the Trainer's kwargs say."""
+    mode = model.fastvision_checkpointing
+    logger.info("fastvision: the trainer turned gradient checkpointing on; keeping use_gradient_checkpointing=%r "
+                "(its %s are not used)", mode, "arguments" if args or kwargs else "defaults")  # fmt: skip
+    _apply_checkpointing(model, mode)
+
+
+def disable_checkpointing(model: nn.Module) -> None:
+    """Checkpointing off (the class's own entry point again) and use_cache back on."""
+    for name in _ENABLE_NAMES:
+        model.__dict__.pop(name, None)
+    if any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            getattr(type(model), _class_method(model, _DISABLE_NAMES))(model)
+    for config in _all_configs(model.config):
+        config.use_cache = True
 
 
 def _all_configs(config):

@@ -32,7 +32,7 @@ def test_bf16_on_a_gpu_without_it_warns_and_uses_fp16():
 def test_a_user_4bit_config_sets_the_compute_dtype_when_dtype_is_none():
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16)
     request = LoadRequest.from_call("m", load_in_4bit=False, quantization_config=config)
-    assert request.mode == "4bit"
+    assert request.requested_mode == "4bit"
     assert request.resolve_dtype(True, True) == torch.bfloat16
 
 
@@ -53,5 +53,5 @@ def test_float32_mixed_precision_default(full_finetuning, dtype, asked, expected
 
 
 def test_unsloth_checkpointing_is_plain_below_512_tokens():
-    assert LoadRequest.from_call("m", max_seq_length=511).gradient_checkpointing is True
-    assert LoadRequest.from_call("m", max_seq_length=512).gradient_checkpointing == "unsloth"
+    assert LoadRequest.from_call("m", max_seq_length=511).checkpointing_mode is True
+    assert LoadRequest.from_call("m", max_seq_length=512).checkpointing_mode == "unsloth"
