@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from typing import TYPE_CHECKING
 
-import pytest
-from torch import nn
+if TYPE_CHECKING:  # the CLI reads the family names: no torch or pytest at import
+    from torch import nn
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +38,13 @@ class Family:
     lm_head: str = "lm_head"
     tied_embeddings: bool = False  # lm_head shares the input embedding's weight (offload is refused)
     fast_inference: bool = False  # docs/contract.md: fast_inference is allowed for Qwen2.5-VL and Gemma3 only
+    # Children of a vision layer / text layer that hold its attention and its MLP (LoRA placement).
+    vision_blocks: tuple[str, str] = ("self_attn", "mlp")
+    text_blocks: tuple[str, str] = ("self_attn", "mlp")
+    # Tokens standing for image content in the text, which a collator's labels must mask.
+    image_tokens: tuple[str, ...] = ()
+    # Chat-template markers that open a user turn and an assistant turn (responses-only masking).
+    turn_markers: tuple[str, str] = ("", "")
 
 
 FAMILIES: dict[str, Family] = {
@@ -53,6 +61,9 @@ FAMILIES: dict[str, Family] = {
             vision_layers="model.visual.blocks",
             text_attention_class="Qwen2VLAttention",
             vision_attention_class="VisionAttention",
+            vision_blocks=("attn", "mlp"),
+            image_tokens=("<|vision_start|>", "<|image_pad|>", "<|vision_end|>"),
+            turn_markers=("<|im_start|>user\n", "<|im_start|>assistant\n"),
         ),
         Family(
             name="qwen2_5_vl",
@@ -65,6 +76,9 @@ FAMILIES: dict[str, Family] = {
             vision_layers="model.visual.blocks",
             text_attention_class="Qwen2_5_VLAttention",
             vision_attention_class="Qwen2_5_VLVisionAttention",
+            vision_blocks=("attn", "mlp"),
+            image_tokens=("<|vision_start|>", "<|image_pad|>", "<|vision_end|>"),
+            turn_markers=("<|im_start|>user\n", "<|im_start|>assistant\n"),
             fast_inference=True,
         ),
         Family(
@@ -78,6 +92,8 @@ FAMILIES: dict[str, Family] = {
             vision_layers="model.vision_tower.encoder.layers",
             text_attention_class="LlamaAttention",
             vision_attention_class="CLIPAttention",
+            image_tokens=("<image>",),
+            turn_markers=("USER:", "ASSISTANT:"),
         ),
         Family(
             name="pixtral",
@@ -90,6 +106,9 @@ FAMILIES: dict[str, Family] = {
             vision_layers="model.vision_tower.transformer.layers",
             text_attention_class="MistralAttention",
             vision_attention_class="PixtralAttention",
+            vision_blocks=("attention", "feed_forward"),
+            image_tokens=("[IMG]", "[IMG_BREAK]", "[IMG_END]"),
+            turn_markers=("[INST]", "[/INST]"),
         ),
         Family(
             name="gemma3",
@@ -102,6 +121,8 @@ FAMILIES: dict[str, Family] = {
             vision_layers="model.vision_tower.encoder.layers",
             text_attention_class="Gemma3Attention",
             vision_attention_class="SiglipAttention",
+            image_tokens=("<start_of_image>", "<image_soft_token>", "<end_of_image>"),
+            turn_markers=("<start_of_turn>user\n", "<start_of_turn>model\n"),
             tied_embeddings=True,
             fast_inference=True,
         ),
@@ -113,6 +134,8 @@ NAMES: tuple[str, ...] = tuple(FAMILIES)
 def params(names=NAMES) -> list:
     """`pytest.param(name, id=name, marks=family(name))` for each family: parametrize with this so the
     runner's table and `-m`/`-k` selections see the family."""
+    import pytest
+
     return [pytest.param(name, id=name, marks=pytest.mark.family(name)) for name in names]
 
 

@@ -25,8 +25,13 @@ from conformance.families import FAMILIES
 
 FAMILY = "llava"
 SIXTEEN_BIT = {"load_in_4bit": False}
-PROCESSOR_FILES = {"tokenizer.json", "tokenizer_config.json", "processor_config.json", "chat_template.jinja",
-                   "preprocessor_config.json"}  # fmt: skip
+PROCESSOR_FILES = {
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "processor_config.json",
+    "chat_template.jinja",
+    "preprocessor_config.json",
+}
 
 
 def _copy(tmp_path: pathlib.Path, family: str = FAMILY) -> pathlib.Path:
@@ -55,8 +60,10 @@ def _sharded(path: pathlib.Path) -> dict[str, str]:
     """Split the weights into two shards with an index, as large checkpoints are saved."""
     weights = load_file(path / "model.safetensors")
     names = sorted(weights)
-    halves = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
-              "model-00002-of-00002.safetensors": names[len(names) // 2 :]}  # fmt: skip
+    halves = {
+        "model-00001-of-00002.safetensors": names[: len(names) // 2],
+        "model-00002-of-00002.safetensors": names[len(names) // 2 :],
+    }
     for shard, keys in halves.items():
         save_file({k: weights[k] for k in keys}, path / shard, metadata={"format": "pt"})
     (path / "model.safetensors").unlink()
@@ -147,8 +154,13 @@ def expect_checkpoint_error(backend, device: str, model_name, named: str, repro:
     twice and the second is measured)."""
 
     def refused() -> checks.SeenError:
-        return checks.expect_error(lambda: backend.FastVisionModel.from_pretrained(model_name, **kwargs), ValueError,
-                                   names=(named,), class_name="CheckpointError", repro=repro)  # fmt: skip
+        return checks.expect_error(
+            lambda: backend.FastVisionModel.from_pretrained(model_name, **kwargs),
+            ValueError,
+            names=(named,),
+            class_name="CheckpointError",
+            repro=repro,
+        )
 
     refused()
     modules, memory = checks.live_modules(), checks.device_memory(device)
@@ -167,8 +179,9 @@ def test_a_damaged_checkpoint_is_a_checkpoint_error_naming_the_file(backend, dev
     expect_checkpoint_error(backend, device, path, named, repro, device_map=device, **kwargs)
 
 
-@pytest.mark.parametrize("name", ["/nonexistent/fastvision/checkpoint", "./no-such-checkpoint", "~/no-such-ckpt",
-                                  "../no/such/checkpoint"])  # fmt: skip
+@pytest.mark.parametrize(
+    "name", ["/nonexistent/fastvision/checkpoint", "./no-such-checkpoint", "~/no-such-ckpt", "../no/such/checkpoint"]
+)
 def test_a_path_to_nothing_is_a_checkpoint_error_not_a_hub_lookup(backend, device, tmp_path, monkeypatch, name):
     monkeypatch.chdir(tmp_path)
     repro = checks.call(name)
@@ -187,8 +200,9 @@ def test_pickled_weights_are_refused_by_default_naming_use_safetensors(backend, 
     _pickled(path)
     repro = f"{checks.call(path, **SIXTEEN_BIT)}  # weights only as pytorch_model.bin"
     seen = expect_checkpoint_error(backend, device, path, "use_safetensors", repro, **SIXTEEN_BIT)
-    checks.check("pytorch_model.bin" in seen.message, f"the error does not name the file: {seen.message!r}",
-                 repro=repro)  # fmt: skip
+    checks.check(
+        "pytorch_model.bin" in seen.message, f"the error does not name the file: {seen.message!r}", repro=repro
+    )
 
 
 def test_pickled_weights_load_with_use_safetensors_false(backend, device, tmp_path):

@@ -171,3 +171,25 @@ def test_a_mask_closure_the_backend_cannot_read_never_breaks_a_forward(backend, 
     err, bound = _error(got, truth, valid), tolerances.model_logits_bound(eager_err, dtype)
     checks.check(err <= bound, f"logits differ from transformers' eager model by {err:.3g} > {bound:.3g} (the "
                  "sliding window lost?)", repro=repro)  # fmt: skip
+
+
+@pytest.mark.parametrize("family", families.params())
+def test_logits_and_gradients_depend_on_the_image(backend, device, family):
+    # Otherwise vision LoRA gets no gradient and a broken image path goes unseen by every logits check.
+    repro = _repro(family, "left_padded_batch", device, load_in_4bit=False, load_in_16bit=True)
+    with checks.reproducing(repro):
+        model, processor = _backend_model(backend, family, device, "16bit")
+        first, second = (inputs.image_batch(processor, seed=seed).to(device) for seed in (0, 5))
+        valid = first["attention_mask"].bool()
+        pixels = first["pixel_values"].clone().requires_grad_(True)
+        logits = model(**{**first, "pixel_values": pixels}).logits
+        with torch.no_grad():
+            other = model(**second).logits
+    change = (logits[valid] - other[valid]).abs().max().item()
+    floor = tolerances.IMAGE_DEPENDENCE_MIN_LOGIT_CHANGE
+    checks.check(change >= floor, f"{family}: another image changes the logits by {change:.3g} < {floor}: the "
+                 "image does not reach the language model", repro=repro)  # fmt: skip
+    logits[valid].float().logsumexp(-1).mean().backward()
+    gradient = pixels.grad.abs().max().item() if pixels.grad is not None else 0.0
+    checks.check(gradient > 0, f"{family}: no gradient reaches pixel_values (vision LoRA would learn nothing)",
+                 repro=repro)  # fmt: skip

@@ -100,3 +100,16 @@ NF4_LOGITS_MIN_SQNR_DB_BY_FAMILY = {"gemma3": 7.0}
 
 def nf4_logits_min_sqnr_db(family: str) -> float:
     return NF4_LOGITS_MIN_SQNR_DB_BY_FAMILY.get(family, NF4_LOGITS_MIN_SQNR_DB)
+
+
+# A model's logits must change when its image does: two different zoo images move the 16-bit logits by
+# 0.31 (llava, pixtral) to 1.15 (gemma3) on logits of |max| ~1.1 (reference backend, CPU, fp32). A
+# projection left at its zero init (the zoo's Gemma3 before ZOO_VERSION 2) changes them by exactly 0.
+IMAGE_DEPENDENCE_MIN_LOGIT_CHANGE = 1e-2
+
+# A merged save of a 4-bit fine-tune must keep its effect: the change the adapter makes to the logits
+# (adapter model - its 4-bit base) against the change the merged 16-bit model makes (merged - its 16-bit
+# original), by SQNR. With lora_B ~ N(0, 0.05) on the zoo (CPU, fp32 compute) fastvision's merge keeps
+# 8.8 (gemma3, whose NF4 noise is the largest: 8.5 dB on logits) to 17.1 dB (qwen2_vl), PEFT's
+# merge_and_unload() on the 4-bit model -3.2 to -7.1 dB (-27 to -33 dB for a 0.03-logit fine-tune).
+MERGED_DELTA_MIN_SQNR_DB = 4.0

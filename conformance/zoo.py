@@ -57,7 +57,7 @@ from transformers import (
     SiglipVisionConfig,
 )
 
-ZOO_VERSION = 1
+ZOO_VERSION = 2  # 2: Gemma3's zero-initialised image projection drawn at random
 FAMILIES: tuple[str, ...] = ("qwen2_vl", "qwen2_5_vl", "llava", "pixtral", "gemma3")
 
 VOCAB_SIZE = 512
@@ -448,6 +448,17 @@ def _perturb_norms_and_biases(model: torch.nn.Module, seed: int) -> None:
                     param.add_(torch.randn(param.shape, generator=generator) * PERTURB_STD)
 
 
+def _draw_constant_weights(model: torch.nn.Module, seed: int) -> None:
+    """Draw N(0, 1/fan_in) into every matrix transformers initialises to a constant. Gemma3's
+    `mm_input_projection_weight` starts at zero, so a checkpoint saved at init would give logits that do
+    not depend on the image and vision LoRA no gradient; a real checkpoint's is trained."""
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() == 2 and "norm" not in name and bool((param == param.flatten()[0]).all()):
+                param.copy_(torch.randn(param.shape, generator=generator) * param.shape[0] ** -0.5)
+
+
 def build(family: str, out_dir: str | os.PathLike, *, seed: int = 0) -> pathlib.Path:
     """Write the tiny `family` checkpoint (weights, config, processor) into `out_dir`."""
     rec = recipe(family)
@@ -460,6 +471,7 @@ def build(family: str, out_dir: str | os.PathLike, *, seed: int = 0) -> pathlib.
         torch.manual_seed(seed)
         model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
     _perturb_norms_and_biases(model, seed)
+    _draw_constant_weights(model, seed)
     stops = [rec.roles["eos_token"], *rec.stop]
     model.generation_config.eos_token_id = [rec.specials.index(t) for t in stops]
     model.save_pretrained(out)  # safetensors

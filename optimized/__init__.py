@@ -2,6 +2,10 @@
 
 from optimized.loader import OPTIMIZED
 from reference.api import FastBaseModel as _ReferenceBase
+from reference.chat_templates import get_chat_template
+from reference.errors import CheckpointError, OfflineError
+from reference.trainer import UnslothVisionDataCollator
+from reference.training import is_bf16_supported
 
 
 class FastBaseModel(_ReferenceBase):
@@ -16,4 +20,13 @@ class FastVisionModel(FastModel):
     """The entry point for vision-language models."""
 
 
-__all__ = ["FastBaseModel", "FastModel", "FastVisionModel"]
+__all__ = [
+    "CheckpointError",
+    "FastBaseModel",
+    "FastModel",
+    "FastVisionModel",
+    "OfflineError",
+    "UnslothVisionDataCollator",
+    "get_chat_template",
+    "is_bf16_supported",
+]

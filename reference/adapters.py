@@ -25,22 +25,24 @@ from reference.errors import ArgumentTypeError, ArgumentValueError, UnsupportedC
 from reference.families import FAMILIES
 from reference.instance_methods import weakly_bound
 
-# Unsloth's defaults, in its order (unsloth/models/vision.py get_peft_model).
-GET_PEFT_MODEL_DEFAULTS = {
-    "r": 16, "target_modules": None, "lora_alpha": 16, "lora_dropout": 0.0, "bias": "none",
-    "finetune_vision_layers": True, "finetune_language_layers": True, "finetune_attention_modules": True,
-    "finetune_mlp_modules": True, "finetune_last_n_layers": None, "layers_to_transform": None,
-    "layers_pattern": None, "use_gradient_checkpointing": "unsloth", "random_state": 3407, "max_seq_length": 2048,
-    "use_rslora": False, "modules_to_save": None, "init_lora_weights": True, "loftq_config": {},
-    "task_type": peft.TaskType.CAUSAL_LM, "temporary_location": "_unsloth_temporary_saved_buffers",
-    "qat_scheme": None, "target_parameters": None, "ensure_weight_tying": False, "finetune_audio_layers": False,
-}  # fmt: skip
 BIASES = ("none", "all", "lora_only")
 INIT_LORA_WEIGHTS = (True, False, "gaussian", "eva", "olora", "pissa", "corda", "loftq", "orthogonal")
 # LoraConfig fields get_peft_model sets itself; any other LoraConfig field may pass through **kwargs.
-_OWN_FIELDS = {"r", "target_modules", "lora_alpha", "lora_dropout", "bias", "use_rslora", "modules_to_save",
-               "init_lora_weights", "loftq_config", "task_type", "ensure_weight_tying", "layers_to_transform",
-               "layers_pattern"}  # fmt: skip
+_OWN_FIELDS = {
+    "r",
+    "target_modules",
+    "lora_alpha",
+    "lora_dropout",
+    "bias",
+    "use_rslora",
+    "modules_to_save",
+    "init_lora_weights",
+    "loftq_config",
+    "task_type",
+    "ensure_weight_tying",
+    "layers_to_transform",
+    "layers_pattern",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,21 +67,35 @@ class LoraRequest:
 def get_peft_model(model, **arguments):
     """Attach LoRA adapters as `arguments` (get_peft_model's, defaults filled in) say; returns the PEFT model."""
     if _is_peft(model):
-        raise ArgumentValueError("model", type(model).__name__, "a model without adapters",
-                                 "It has adapters already; load the base model again to start over.")  # fmt: skip
+        raise ArgumentValueError(
+            "model",
+            type(model).__name__,
+            "a model without adapters",
+            "It has adapters already; load the base model again to start over.",
+        )
     if getattr(getattr(model, "quantization_plan", None), "mode", None) == "full":
-        warnings.warn("get_peft_model has no effect on a model loaded with full_finetuning=True: every parameter "
-                      "trains already; it is returned unchanged.", stacklevel=3)  # fmt: skip
+        warnings.warn(
+            "get_peft_model has no effect on a model loaded with full_finetuning=True: every parameter "
+            "trains already; it is returned unchanged.",
+            stacklevel=3,
+        )
         return model
     request = _validate(model, arguments)
     family = FAMILIES[model.fastvision_family]
     plan = lora.plan_targets(model, family, request.selection, request.r, request.lora_alpha)
     config = peft.LoraConfig(
-        r=request.r, lora_alpha=request.lora_alpha, lora_dropout=request.lora_dropout, bias=request.bias,
-        target_modules=plan.targets(), use_rslora=request.use_rslora, modules_to_save=request.modules_to_save,
-        init_lora_weights=request.init_lora_weights, loftq_config=request.loftq_config or {},
-        task_type=request.task_type, **request.extra,
-    )  # fmt: skip
+        r=request.r,
+        lora_alpha=request.lora_alpha,
+        lora_dropout=request.lora_dropout,
+        bias=request.bias,
+        target_modules=plan.targets(),
+        use_rslora=request.use_rslora,
+        modules_to_save=request.modules_to_save,
+        init_lora_weights=request.init_lora_weights,
+        loftq_config=request.loftq_config or {},
+        task_type=request.task_type,
+        **request.extra,
+    )
     with _seeded(request.random_state, model):
         peft_model = peft.get_peft_model(model, config)
     mode = checkpointing_mode(request.use_gradient_checkpointing, getattr(model, "max_seq_length", 2048))
@@ -112,8 +128,10 @@ def _adapters_in_fp32(adapter_weights: list, _model, _args) -> None:
     cast = [p for p in adapter_weights if p.dtype != torch.float32]
     if not cast:
         return
-    _say_once(f"fastvision: LoRA weights had been cast to {cast[0].dtype} (TRL's SFTTrainer does this for 4-bit "
-              "models); they train in float32.")  # fmt: skip
+    _say_once(
+        f"fastvision: LoRA weights had been cast to {cast[0].dtype} (TRL's SFTTrainer does this for 4-bit "
+        "models); they train in float32."
+    )
     for parameter in cast:
         parameter.data = parameter.data.float()
 
@@ -149,8 +167,8 @@ def _train_only_adapters(peft_model) -> None:
 
 # ------------------------------------------------------------------------------------------ validation
 def _validate(model, arguments: dict) -> LoraRequest:
-    a = {**GET_PEFT_MODEL_DEFAULTS, **arguments}
-    extra = {k: v for k, v in a.items() if k not in GET_PEFT_MODEL_DEFAULTS}
+    a = {**lora.GET_PEFT_MODEL_DEFAULTS, **arguments}
+    extra = {k: v for k, v in a.items() if k not in lora.GET_PEFT_MODEL_DEFAULTS}
     _check_numbers(a)
     _check_choices(model, a)
     for name in ("qat_scheme", "target_parameters"):
@@ -161,19 +179,35 @@ def _validate(model, arguments: dict) -> LoraRequest:
     config_fields = set(inspect.signature(peft.LoraConfig).parameters) - _OWN_FIELDS
     for name in extra:
         if name not in config_fields:
-            raise ArgumentTypeError(name, extra[name], "a get_peft_model argument or a peft.LoraConfig field",
-                                    "get_peft_model() got an unexpected keyword argument.")  # fmt: skip
+            raise ArgumentTypeError(
+                name,
+                extra[name],
+                "a get_peft_model argument or a peft.LoraConfig field",
+                "get_peft_model() got an unexpected keyword argument.",
+            )
     target = a["target_modules"]
     every_flag = target == "all-linear"
     flags = [every_flag or a[flag] for flag in lora.FLAGS]
     return LoraRequest(
-        r=a["r"], lora_alpha=a["lora_alpha"], lora_dropout=float(a["lora_dropout"]), bias=a["bias"],
-        selection=lora.Selection(*flags, last_n_layers=a["finetune_last_n_layers"], layers=_layers(a),
-                                 explicit=None if target in (None, "all-linear") else target),
-        use_gradient_checkpointing=a["use_gradient_checkpointing"], random_state=a["random_state"],
-        use_rslora=a["use_rslora"], modules_to_save=a["modules_to_save"], init_lora_weights=a["init_lora_weights"],
-        loftq_config=a["loftq_config"], task_type=peft.TaskType(a["task_type"]), extra=extra,
-    )  # fmt: skip
+        r=a["r"],
+        lora_alpha=a["lora_alpha"],
+        lora_dropout=float(a["lora_dropout"]),
+        bias=a["bias"],
+        selection=lora.Selection(
+            *flags,
+            last_n_layers=a["finetune_last_n_layers"],
+            layers=_layers(a),
+            explicit=None if target in (None, "all-linear") else target,
+        ),
+        use_gradient_checkpointing=a["use_gradient_checkpointing"],
+        random_state=a["random_state"],
+        use_rslora=a["use_rslora"],
+        modules_to_save=a["modules_to_save"],
+        init_lora_weights=a["init_lora_weights"],
+        loftq_config=a["loftq_config"],
+        task_type=peft.TaskType(a["task_type"]),
+        extra=extra,
+    )
 
 
 def _is_int(value) -> bool:
@@ -215,13 +249,16 @@ def _check_choices(model, a: dict) -> None:
         why = "LoftQ initialises from the 16-bit weights: load with load_in_4bit=False."
         raise ArgumentValueError("init_lora_weights", init, "not 'loftq' on a quantized model", why)
     target = a["target_modules"]
-    if target is not None and not isinstance(target, str) and not (
-        isinstance(target, (list, tuple, set)) and all(isinstance(t, str) for t in target)
+    if (
+        target is not None
+        and not isinstance(target, str)
+        and not (isinstance(target, (list, tuple, set)) and all(isinstance(t, str) for t in target))
     ):
         raise ArgumentTypeError("target_modules", target, "None, 'all-linear', a regex, or a list of module names")
     modules_to_save = a["modules_to_save"]
-    if modules_to_save is not None and not (isinstance(modules_to_save, (list, tuple))
-                                            and all(isinstance(m, str) for m in modules_to_save)):  # fmt: skip
+    if modules_to_save is not None and not (
+        isinstance(modules_to_save, (list, tuple)) and all(isinstance(m, str) for m in modules_to_save)
+    ):
         raise ArgumentTypeError("modules_to_save", modules_to_save, "None or a list of module names")
 
 
@@ -239,8 +276,12 @@ def _layers(a: dict) -> tuple[int, ...] | None:
 # --------------------------------------------------------------------------- training and generation
 def _base(model) -> nn.Module:
     if not isinstance(model, nn.Module):
-        raise ArgumentTypeError("model", type(model).__name__, "the model from_pretrained returned",
-                                "This looks like a tokenizer or processor, not the model.")  # fmt: skip
+        raise ArgumentTypeError(
+            "model",
+            type(model).__name__,
+            "the model from_pretrained returned",
+            "This looks like a tokenizer or processor, not the model.",
+        )
     return model.get_base_model() if isinstance(model, peft.PeftModel) else model
 
 
@@ -248,8 +289,11 @@ def for_training(model, use_gradient_checkpointing=True):
     """Train mode; gradient checkpointing on (True: the model's own mode, e.g. "unsloth" as loaded; "unsloth";
     False: off); use_cache off; the processor pads on the right. Returns the model."""
     base = _base(model)
-    if not (use_gradient_checkpointing is True or use_gradient_checkpointing is False
-            or use_gradient_checkpointing == "unsloth"):  # fmt: skip
+    if not (
+        use_gradient_checkpointing is True
+        or use_gradient_checkpointing is False
+        or use_gradient_checkpointing == "unsloth"
+    ):
         raise ArgumentValueError("use_gradient_checkpointing", use_gradient_checkpointing, "True, False or 'unsloth'")
     mode = use_gradient_checkpointing
     if mode is True:

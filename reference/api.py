@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 
+from reference import lora
 from reference.contract import LoadRequest
 from reference.hf_attention import register
 from reference.loader import Backend, load
@@ -32,6 +33,41 @@ class FastBaseModel:
         Every argument, its default, what it does and the error for each value it refuses: docs/contract.md
         in the fastvision repository (the conformance suite keeps it true)."""
         return load(LoadRequest.from_call(*args, **kwargs), cls.backend)
+
+    @staticmethod
+    def get_peft_model(model, *args, **kwargs):
+        """Attach LoRA adapters (PEFT) to a loaded model; returns the PEFT model. Unsloth's signature and
+        defaults; docs/contract.md, "After loading", says what each argument does."""
+        from reference import adapters  # imports peft: only when adapters are asked for
+
+        bound = GET_PEFT_MODEL_SIGNATURE.bind(model, *args, **kwargs)
+        arguments = dict(bound.arguments)
+        return adapters.get_peft_model(arguments.pop("model"), **arguments.pop("kwargs", {}), **arguments)
+
+    @staticmethod
+    def for_training(model, use_gradient_checkpointing=True):
+        """Train mode, gradient checkpointing on, use_cache off, the processor padding on the right."""
+        from reference import adapters
+
+        return adapters.for_training(model, use_gradient_checkpointing)
+
+    @staticmethod
+    def for_inference(model):
+        """Eval mode, gradient checkpointing off, use_cache on, the processor padding on the left."""
+        from reference import adapters
+
+        return adapters.for_inference(model)
+
+
+def _peft_signature() -> inspect.Signature:
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    params = [inspect.Parameter("model", kind)]
+    params += [inspect.Parameter(name, kind, default=value) for name, value in lora.GET_PEFT_MODEL_DEFAULTS.items()]
+    return inspect.Signature([*params, inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD)])
+
+
+GET_PEFT_MODEL_SIGNATURE = _peft_signature()
+FastBaseModel.get_peft_model.__signature__ = GET_PEFT_MODEL_SIGNATURE
 
 
 def _with_cls(signature: inspect.Signature) -> inspect.Signature:

@@ -34,8 +34,24 @@ PICKLES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 # safetensors' own limit on the JSON header (its MAX_HEADER_SIZE): anything longer is not a header.
 MAX_HEADER_BYTES = 100_000_000
 # Bytes per element of each safetensors dtype; one not listed (a newer sub-byte format) skips the size check.
-DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1, "I16": 2, "U16": 2,
-               "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}  # fmt: skip
+DTYPE_BYTES = {
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E5M2": 1,
+    "F8_E4M3": 1,
+    "F8_E8M0": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
+}
 FLOAT_DTYPES = {"F16", "BF16", "F32", "F64", "F8_E5M2", "F8_E4M3"}
 # Files any of which makes a folder a tokenizer, and any of which gives it an image processor.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "tekken.json")
@@ -62,8 +78,9 @@ def read_config(directory: Path) -> dict:
     """config.json as a dict with a model_type; CheckpointError if it is missing or not one."""
     path = directory / "config.json"
     if not path.is_file():
-        raise CheckpointError(path, "there is no config.json", "Pass the checkpoint's own directory, or a config as "
-                              "auto_config=.")  # fmt: skip
+        raise CheckpointError(
+            path, "there is no config.json", "Pass the checkpoint's own directory, or a config as auto_config=."
+        )
     config = _read_json(path)
     if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
         raise CheckpointError(path, "config.json has no model_type", FRESH_DOWNLOAD)
@@ -95,8 +112,11 @@ def weight_files(directory: Path, *, variant: str | None = None, use_safetensors
         held = read_header(shard)
         absent = sorted(names - set(held))
         if absent:
-            raise CheckpointError(shard, f"the index places {len(absent)} tensors here that the shard lacks, "
-                                  f"e.g. {absent[0]!r}", FRESH_DOWNLOAD)  # fmt: skip
+            raise CheckpointError(
+                shard,
+                f"the index places {len(absent)} tensors here that the shard lacks, e.g. {absent[0]!r}",
+                FRESH_DOWNLOAD,
+            )
         tensors.update(held)
     if not tensors:
         names = ", ".join(shard.name for shard in placed)
@@ -132,8 +152,11 @@ def _pickles(directory: Path, variant: str | None, use_safetensors: bool | None)
     found = [directory / _with_variant(name, variant) for name in PICKLES]
     found = [path for path in found if path.is_file()]
     if not found:
-        raise CheckpointError(directory, "there are no weights (no model.safetensors, no safetensors index)",
-                              "Pass a directory that holds the model's weights.")  # fmt: skip
+        raise CheckpointError(
+            directory,
+            "there are no weights (no model.safetensors, no safetensors index)",
+            "Pass a directory that holds the model's weights.",
+        )
     if use_safetensors is not False:
         raise CheckpointError(
             found[0],
@@ -160,8 +183,9 @@ def read_header(file: Path) -> dict[str, Tensor]:
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError):
-        raise CheckpointError(file, "the safetensors header is not JSON: the file is damaged or not safetensors",
-                              FRESH_DOWNLOAD) from None  # fmt: skip
+        raise CheckpointError(
+            file, "the safetensors header is not JSON: the file is damaged or not safetensors", FRESH_DOWNLOAD
+        ) from None
     if not isinstance(header, dict):
         raise CheckpointError(file, "the safetensors header is not a table of tensors", FRESH_DOWNLOAD)
     header.pop("__metadata__", None)
@@ -192,12 +216,18 @@ def _check_byte_ranges(file: Path, header: dict, data_bytes: int) -> None:
         start, stop = value["data_offsets"]
         width = DTYPE_BYTES.get(value["dtype"])
         if stop < start or (width is not None and stop - start != math.prod(value["shape"]) * width):
-            raise CheckpointError(file, f"the byte range of {key!r} does not hold its {value['dtype']} "
-                                  f"{value['shape']} elements", FRESH_DOWNLOAD)  # fmt: skip
+            raise CheckpointError(
+                file,
+                f"the byte range of {key!r} does not hold its {value['dtype']} {value['shape']} elements",
+                FRESH_DOWNLOAD,
+            )
         end = max(end, stop)
     if end > data_bytes:
-        raise CheckpointError(file, f"the file is truncated: its header needs {end} bytes of tensor data, the file "
-                              f"holds {data_bytes}", FRESH_DOWNLOAD)  # fmt: skip
+        raise CheckpointError(
+            file,
+            f"the file is truncated: its header needs {end} bytes of tensor data, the file holds {data_bytes}",
+            FRESH_DOWNLOAD,
+        )
     if end < data_bytes:
         raise CheckpointError(file, f"the file has {data_bytes - end} bytes after its last tensor", FRESH_DOWNLOAD)
 
@@ -220,17 +250,25 @@ def check_against_model(weights: WeightFiles, skeleton: nn.Module, directory: Pa
         matched += 1
         want = tuple(expected[name].shape)
         if tensor.shape != want:
-            raise CheckpointError(tensor.file, f"the tensor {key!r} has shape {list(tensor.shape)}, but the config "
-                                  f"makes {name} {list(want)}", "Use the config.json that came with these weights, "
-                                  "or weights that match this config.")  # fmt: skip
+            raise CheckpointError(
+                tensor.file,
+                f"the tensor {key!r} has shape {list(tensor.shape)}, but the config makes {name} {list(want)}",
+                "Use the config.json that came with these weights, or weights that match this config.",
+            )
         if expected[name].dtype.is_floating_point and tensor.dtype not in FLOAT_DTYPES and tensor.dtype in DTYPE_BYTES:
-            raise CheckpointError(tensor.file, f"the tensor {key!r} is stored as {tensor.dtype}, but {name} holds "
-                                  "floating-point weights", FRESH_DOWNLOAD)  # fmt: skip
+            raise CheckpointError(
+                tensor.file,
+                f"the tensor {key!r} is stored as {tensor.dtype}, but {name} holds floating-point weights",
+                FRESH_DOWNLOAD,
+            )
     if matched == 0:
         files = ", ".join(file.name for file in weights.files)
-        raise CheckpointError(directory, f"none of the {len(weights.tensors)} tensors in {files} is a weight of "
-                              f"{type(skeleton).__name__} (e.g. {next(iter(weights.tensors))!r})",
-                              "The weights belong to another model; pass the checkpoint that matches config.json.")
+        raise CheckpointError(
+            directory,
+            f"none of the {len(weights.tensors)} tensors in {files} is a weight of "
+            f"{type(skeleton).__name__} (e.g. {next(iter(weights.tensors))!r})",
+            "The weights belong to another model; pass the checkpoint that matches config.json.",
+        )
 
 
 def _model_names(tensors: dict[str, Tensor], skeleton: nn.Module) -> dict[str, str | None] | None:
@@ -243,8 +281,9 @@ def _model_names(tensors: dict[str, Tensor], skeleton: nn.Module) -> dict[str, s
 
         transforms = get_model_conversion_mapping(skeleton)
     except Exception:  # noqa: BLE001 - an API this transformers lacks or changed
-        logger.debug("fastvision: transformers' weight renaming is unavailable; shapes are checked on load",
-                     exc_info=True)  # fmt: skip
+        logger.debug(
+            "fastvision: transformers' weight renaming is unavailable; shapes are checked on load", exc_info=True
+        )
         return None
     renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
     converters = [t for t in transforms if isinstance(t, WeightConverter)]
@@ -263,8 +302,11 @@ def adapter_base(directory: Path) -> str:
     config = _read_json(directory / ADAPTER_CONFIG)
     base = config.get("base_model_name_or_path") if isinstance(config, dict) else None
     if not isinstance(base, str) or not base:
-        raise CheckpointError(directory / ADAPTER_CONFIG, "it names no base_model_name_or_path",
-                              "Save the adapter with model.save_pretrained() of a PEFT model.")  # fmt: skip
+        raise CheckpointError(
+            directory / ADAPTER_CONFIG,
+            "it names no base_model_name_or_path",
+            "Save the adapter with model.save_pretrained() of a PEFT model.",
+        )
     weights = directory / "adapter_model.safetensors"
     if weights.is_file():
         read_header(weights)
@@ -287,8 +329,12 @@ def check_processor_files(directory: Path) -> None:
     if not present & set(TOKENIZER_FILES):
         raise CheckpointError(directory, "there is no tokenizer (no tokenizer.json or tokenizer_config.json)", remedy)
     if not present & set(IMAGE_PROCESSOR_FILES):
-        raise CheckpointError(directory, "there is no image processor (no preprocessor_config.json or "
-                              "processor_config.json): a VLM needs one to read images", remedy)  # fmt: skip
+        raise CheckpointError(
+            directory,
+            "there is no image processor (no preprocessor_config.json or "
+            "processor_config.json): a VLM needs one to read images",
+            remedy,
+        )
     for name in sorted(present):
         if name.endswith("_config.json"):  # small; tokenizer.json (MBs) is read, and checked, by the load
             _read_json(directory / name)

@@ -19,7 +19,7 @@ import torch
 from accelerate import init_empty_weights
 from transformers import AutoConfig, BitsAndBytesConfig
 
-from reference import adapters, checkpoint, merging, naming, quantization, training
+from reference import checkpoint, merging, naming, quantization, training
 from reference.contract import LoadRequest, mode_of_quantization_config
 from reference.errors import (
     ArgumentTypeError,
@@ -74,6 +74,8 @@ def load(request: LoadRequest, backend: Backend):
     try:
         _finish(model, decision, backend, processor)
         if decision.adapter is not None:
+            from reference import adapters  # imports peft: only for a saved adapter
+
             model = adapters.attach_saved_adapter(model, decision.adapter)
     except BaseException:
         _release(model)

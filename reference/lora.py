@@ -22,6 +22,35 @@ from torch import nn
 from reference.errors import ArgumentValueError
 from reference.families import FamilySpec
 
+# get_peft_model's arguments with Unsloth's defaults, in its order (unsloth/models/vision.py). task_type is
+# peft.TaskType.CAUSAL_LM, a str enum equal to "CAUSAL_LM": the string keeps `import reference` free of peft.
+GET_PEFT_MODEL_DEFAULTS = {
+    "r": 16,
+    "target_modules": None,
+    "lora_alpha": 16,
+    "lora_dropout": 0.0,
+    "bias": "none",
+    "finetune_vision_layers": True,
+    "finetune_language_layers": True,
+    "finetune_attention_modules": True,
+    "finetune_mlp_modules": True,
+    "finetune_last_n_layers": None,
+    "layers_to_transform": None,
+    "layers_pattern": None,
+    "use_gradient_checkpointing": "unsloth",
+    "random_state": 3407,
+    "max_seq_length": 2048,
+    "use_rslora": False,
+    "modules_to_save": None,
+    "init_lora_weights": True,
+    "loftq_config": {},
+    "task_type": "CAUSAL_LM",
+    "temporary_location": "_unsloth_temporary_saved_buffers",
+    "qat_scheme": None,
+    "target_parameters": None,
+    "ensure_weight_tying": False,
+    "finetune_audio_layers": False,
+}
 LORA, FROZEN = "lora", "frozen"
 OUTSIDE = "outside the vision and language layers (projector, lm_head): adapters only when named in target_modules"
 FLAGS = ("finetune_vision_layers", "finetune_language_layers", "finetune_attention_modules", "finetune_mlp_modules")
@@ -82,8 +111,11 @@ def plan_of(peft_model: nn.Module, r: int, lora_alpha: float) -> LoraPlan:
     base = peft_model.get_base_model()
     wrapped = {name for name, module in base.named_modules() if hasattr(module, "lora_A")}
     entries = [LoraEntry(name, LORA, "in the saved adapter") for name in sorted(wrapped)]
-    entries += [LoraEntry(name, FROZEN, "not in the saved adapter") for name in linears(base)
-                if name not in wrapped and not any(name.startswith(w + ".") for w in wrapped)]  # fmt: skip
+    entries += [
+        LoraEntry(name, FROZEN, "not in the saved adapter")
+        for name in linears(base)
+        if name not in wrapped and not any(name.startswith(w + ".") for w in wrapped)
+    ]
     return LoraPlan(r, lora_alpha, tuple(entries))
 
 

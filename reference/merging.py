@@ -17,7 +17,6 @@ import tempfile
 import warnings
 from pathlib import Path
 
-import peft
 import torch
 from torch import nn
 from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
@@ -30,17 +29,22 @@ logger = logging.getLogger("fastvision")
 SAVE_METHODS = ("merged_16bit", "lora", "merged_4bit_forced")
 
 
-def save_pretrained_merged(model, save_directory, processor=None, save_method="merged_16bit", *, tokenizer=None,
-                           **_unsloth_options) -> Path:  # fmt: skip
+def save_pretrained_merged(
+    model, save_directory, processor=None, save_method="merged_16bit", *, tokenizer=None, **_unsloth_options
+) -> Path:
     """Write the fine-tune to `save_directory` as `save_method` says; returns the directory. `tokenizer=` is
     Unsloth's name for `processor`; Unsloth's hub and GGUF options are accepted and not used."""
     processor = processor if processor is not None else tokenizer
     if processor is None:
         processor = getattr(_base(model), "fastvision_processor", None)
     if save_method == "merged_4bit":
-        raise ArgumentValueError("save_method", save_method, ", ".join(map(repr, SAVE_METHODS)),
-                                 "Merging into 4-bit weights re-quantizes them and loses precision; pass "
-                                 "save_method='merged_4bit_forced' if that is what you want.")  # fmt: skip
+        raise ArgumentValueError(
+            "save_method",
+            save_method,
+            ", ".join(map(repr, SAVE_METHODS)),
+            "Merging into 4-bit weights re-quantizes them and loses precision; pass "
+            "save_method='merged_4bit_forced' if that is what you want.",
+        )
     if save_method not in SAVE_METHODS:
         raise ArgumentValueError("save_method", save_method, ", ".join(map(repr, SAVE_METHODS)))
     out = Path(save_directory)
@@ -56,15 +60,19 @@ def save_pretrained_merged(model, save_directory, processor=None, save_method="m
     return out
 
 
+def _is_peft(model) -> bool:
+    return hasattr(model, "get_base_model") and hasattr(model, "peft_config")
+
+
 def _base(model) -> nn.Module:
-    return model.get_base_model() if isinstance(model, peft.PeftModel) else model
+    return model.get_base_model() if _is_peft(model) else model
 
 
 def _merged_16bit(model) -> nn.Module:
     """A 16-bit transformers model holding the base weights plus every LoRA delta, on the CPU."""
     base = _base(model)
     merged = _sixteen_bit_base(base)
-    if isinstance(model, peft.PeftModel):
+    if _is_peft(model):
         _add_deltas(model, merged)
     return merged
 
@@ -78,9 +86,12 @@ def _sixteen_bit_base(base: nn.Module) -> nn.Module:
     source = _original_of(base.config._name_or_path)
     if source is not None:
         return AutoModelForImageTextToText.from_pretrained(source, dtype=dtype, device_map="cpu")
-    warnings.warn(f"save_pretrained_merged: the 16-bit original of {base.config._name_or_path} is neither a local "
-                  "directory nor cached, so the LoRA deltas are merged into the dequantized 4-bit weights the "
-                  "adapters were trained on (NF4 rounding stays in the merged weights).", stacklevel=4)  # fmt: skip
+    warnings.warn(
+        f"save_pretrained_merged: the 16-bit original of {base.config._name_or_path} is neither a local "
+        "directory nor cached, so the LoRA deltas are merged into the dequantized 4-bit weights the "
+        "adapters were trained on (NF4 rounding stays in the merged weights).",
+        stacklevel=4,
+    )
     return _copy_of(base, dtype)
 
 
@@ -147,6 +158,8 @@ def _base_name(key: str) -> str:
 
 def _add_deltas(peft_model, merged: nn.Module) -> None:
     """merged.<layer>.weight += B @ A * scale for every LoRA layer; modules_to_save copies replace theirs."""
+    import peft
+
     prefix = "base_model.model."
     with torch.no_grad():
         for name, module in peft_model.named_modules():
@@ -163,14 +176,19 @@ def _add_deltas(peft_model, merged: nn.Module) -> None:
 def _merged_4bit(model, out: Path) -> None:
     """merged_16bit, then quantized to NF4 with fastvision's placement and saved pre-quantized."""
     family = FAMILIES[_base(model).fastvision_family]
-    warnings.warn("save_method='merged_4bit_forced': the merged weights are quantized to NF4 again, which rounds "
-                  "away part of the fine-tune; merged_16bit keeps it all.", stacklevel=4)  # fmt: skip
+    warnings.warn(
+        "save_method='merged_4bit_forced': the merged weights are quantized to NF4 again, which rounds "
+        "away part of the fine-tune; merged_16bit keeps it all.",
+        stacklevel=4,
+    )
     with tempfile.TemporaryDirectory(prefix="fastvision-merge-") as staging:
         _merged_16bit(model).save_pretrained(staging)
         config = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=_dtype(_base(model)),
             llm_int8_skip_modules=quantization.skip_modules(family, quantize_vision=False),
-        )  # fmt: skip
+        )
         quantized = AutoModelForImageTextToText.from_pretrained(staging, quantization_config=config, device_map="cpu")
         quantized.save_pretrained(out)

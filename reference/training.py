@@ -7,6 +7,7 @@ forward and back in the backward, so device memory for activations no longer gro
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import warnings
@@ -21,7 +22,9 @@ logger = logging.getLogger("fastvision")
 
 class _OffloadedCheckpoint(torch.autograd.Function):
     """Runs `function(*args)` without saving activations; keeps the tensor args on the CPU and replays
-    the function from them in the backward (reentrant style, so frozen weights and LoRA both work)."""
+    the function from them in the backward (reentrant style, so frozen weights and LoRA both work), under
+    the forward's random state and autocast (a Trainer's bf16/fp16 mixed precision wraps only the forward:
+    replayed outside it, a 16-bit activation would meet fp32 weights)."""
 
     @staticmethod
     def forward(ctx, function, *args):
@@ -31,6 +34,7 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         ctx.args = [_to_host(a) if torch.is_tensor(a) else a for a in args]
         ctx.rng_state = torch.get_rng_state()
         ctx.cuda_rng_state = torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None
+        ctx.autocast = [(d, torch.get_autocast_dtype(d)) for d in ("cpu", "cuda") if torch.is_autocast_enabled(d)]
         with torch.no_grad():
             return function(*args)
 
@@ -44,7 +48,9 @@ class _OffloadedCheckpoint(torch.autograd.Function):
             torch.set_rng_state(ctx.rng_state)  # dropout masks replay exactly
             if ctx.cuda_rng_state is not None:
                 torch.cuda.set_rng_state(ctx.cuda_rng_state)
-            with torch.enable_grad():
+            with torch.enable_grad(), contextlib.ExitStack() as autocast:
+                for device, dtype in ctx.autocast:
+                    autocast.enter_context(torch.autocast(device, dtype=dtype))
                 outputs = ctx.function(*inputs)
         outputs = outputs if isinstance(outputs, tuple) else (outputs,)
         pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if torch.is_tensor(o) and o.requires_grad]
@@ -166,3 +172,8 @@ def offload_embedding(model: nn.Module, tied: bool) -> bool:
     embedding.register_forward_hook(lambda _m, _args, output: output.to(device, non_blocking=True))
     embedding.fastvision_offloaded_from = device
     return True
+
+
+def is_bf16_supported() -> bool:
+    """Unsloth's helper for TrainingArguments(bf16=..., fp16=...): True on a GPU that computes in bf16."""
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()

@@ -94,8 +94,14 @@ print("RESULT " + json.dumps({"growth_mb": growth, "models_alive": models_alive(
 def test_a_hundred_loads_of_every_family_leave_nothing_behind():
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), *sys.path])}
     env.pop("TRITON_INTERPRET", None)  # loads only: no kernel runs
-    done = subprocess.run([sys.executable, "-c", _SCRIPT, str(LOADS), str(WARMUP)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=TIMEOUT_S)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", _SCRIPT, str(LOADS), str(WARMUP)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     assert lines, f"no result (rc {done.returncode}): {done.stderr[-3000:]}"
     result = json.loads(lines[-1].removeprefix("RESULT "))

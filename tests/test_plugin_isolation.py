@@ -10,7 +10,7 @@ import sys
 import textwrap
 
 # A throwaway project of someone else's, with names the suite also uses.
-CONFTEST = '''
+CONFTEST = """
 import pytest
 
 def pytest_addoption(parser):
@@ -19,8 +19,8 @@ def pytest_addoption(parser):
 @pytest.fixture
 def backend(request):
     return request.config.getoption("--backend")
-'''
-TESTS = '''
+"""
+TESTS = """
 import os
 from hypothesis import settings
 
@@ -33,7 +33,7 @@ def test_hypothesis_keeps_its_default_profile():
 
 def test_no_fastvision_environment_variable():
     assert not [k for k in os.environ if k.startswith("FASTVISION")], os.environ
-'''
+"""
 # pytest + collection of a three-test project: a few seconds.
 TIMEOUT_S = 300
 
@@ -41,8 +41,14 @@ TIMEOUT_S = 300
 def _pytest(project, *args):
     # Not under CI: hypothesis then picks a CI profile of its own. Outside CI the suite would load "dev".
     env = {k: v for k, v in os.environ.items() if not k.startswith("FASTVISION") and k not in ("CI", "GITHUB_ACTIONS")}
-    return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *args], cwd=project, env=env,
-                          capture_output=True, text=True, timeout=TIMEOUT_S)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *args],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
 
 
 def test_another_projects_run_is_unchanged(tmp_path):

@@ -86,3 +86,11 @@ def swapped(module, attribute: str, make):
             setattr(module, attribute, original)
 
     return wrap
+
+
+def adapter_classes(name: str, **methods) -> tuple[type, type, type]:
+    """The three classes with some of get_peft_model / for_training / for_inference replaced."""
+    base, model, vision = _classes(dataclasses.replace(api.REFERENCE, name=f"broken:{name}"))
+    for method, function in methods.items():
+        setattr(base, method, staticmethod(function))
+    return base, model, vision
