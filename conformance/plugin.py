@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from conformance.profiles import ARGUMENT_FUZZ_EXAMPLES, PROFILES
+
 BACKEND_ENV = "FASTVISION_BACKEND"
 DEVICE_ENV = "FASTVISION_DEVICE"
 REQUIRED_NAMES = ("FastVisionModel", "FastModel", "FastBaseModel")
@@ -34,17 +36,6 @@ OPTIONS = {
     "fastvision_device": ("--fastvision-device", "--device", f"device the suite runs on: cpu or cuda (fallback: "
                           f"${DEVICE_ENV}, else cpu)"),
 }  # fmt: skip
-# Hypothesis profiles of the suite, registered and loaded only for a conformance run. "ci": the same examples
-# every run (derandomize) and a bound on their number, so the suite's time is known; "thorough": the GPU
-# profile's counts, and deep argument fuzzing (ARGUMENT_FUZZ_EXAMPLES drawn calls per family), for a one-off
-# audit rather than CI.
-PROFILES = {
-    "dev": {"max_examples": 20},
-    "ci": {"max_examples": 12, "derandomize": True, "print_blob": True},
-    "gpu": {"max_examples": 40},
-    "thorough": {"max_examples": 40},
-}
-ARGUMENT_FUZZ_EXAMPLES = {"thorough": 1000}
 _active_profile: list[str] = []  # the profile loaded for this run, once chosen
 
 
