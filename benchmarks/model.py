@@ -278,9 +278,15 @@ def time_steps(model, batch, warmup: int, steps: int) -> tuple[float, float]:
     """(median step ms, peak GiB) of forward+backward with labels = input ids."""
     batch = batch.to(_device())
     model.train()
-    step = training_step(model, batch)
+    median, peak, _ = median_step(training_step(model, batch), warmup, steps)
+    return median, peak
 
-    for _ in range(warmup):
+
+def median_step(step, warmup: int, steps: int) -> tuple[float, float, object]:
+    """(median ms of `steps` timed calls of `step` after `warmup` untimed ones, peak GiB allocated during the
+    timed ones (NaN on the CPU), what the first call returned)."""
+    first = step() if warmup > 0 else None
+    for _ in range(max(0, warmup - 1)):
         step()
     _sync()
     if torch.cuda.is_available():
@@ -292,7 +298,7 @@ def time_steps(model, batch, warmup: int, steps: int) -> tuple[float, float]:
         _sync()
         times.append((time.perf_counter() - start) * 1000)
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
-    return statistics.median(times), peak
+    return statistics.median(times), peak, first
 
 
 def profile_steps(model, batch, steps: int = 2, top: int = 30) -> str:
@@ -374,15 +380,14 @@ def run(args) -> dict:
         "versions": versions(),
         "date": datetime.date.today().isoformat(),
         "rows": rows,
-        "setup": {
-            "batch": args.batch,
-            "tokens_per_sample": args.tokens,
-            "text_layers": args.text_layers,
-            "vision_layers": args.vision_layers,
-            "warmup": args.warmup,
-            "steps": args.steps,
-        },
+        "setup": setup(args),
     }
+
+
+def setup(args) -> dict:
+    """The sizes a step benchmark ran at, recorded beside its rows."""
+    names = ("batch", "tokens", "text_layers", "vision_layers", "warmup", "steps")
+    return {("tokens_per_sample" if n == "tokens" else n): getattr(args, n) for n in names}
 
 
 def markdown(result: dict) -> str:

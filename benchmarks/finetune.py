@@ -1,0 +1,325 @@
+"""The user's job, timed: QLoRA fine-tuning steps per family, fastvision side by side with Unsloth and others.
+
+The workload of Unsloth's vision notebooks on a random-weight checkpoint at the real widths of each family's
+representative model (benchmarks/model.py builds them; the same layer cut for every contender): the base
+in 4-bit (or 16-bit with --bits 16), LoRA r=16 alpha=16 dropout 0 on the language model's attention and MLP
+projections (finetune_vision_layers=False), gradient checkpointing on ("unsloth" where the contender has
+it), and a step = forward + backward + AdamW on the LoRA weights, on one saved batch of 4 samples x ~2,000
+tokens with one image each. Reported: median step of >= 10 after warm-up, peak allocated GiB, tokens/s, the
+LoRA parameter count and the first step's loss (the same count and loss across contenders is the check
+that they compute the same thing).
+
+Each contender runs in a process of its own (Unsloth patches transformers when imported):
+  optimized, reference      fastvision's from_pretrained + get_peft_model + for_training
+  transformers              AutoModelForImageTextToText + bitsandbytes + PEFT, SDPA attention
+  transformers+liger        the same with Liger-Kernel's patch for the family applied to the instance
+  unsloth                   Unsloth's FastVisionModel.from_pretrained + get_peft_model + for_training
+
+    python benchmarks/finetune.py                    # GPU: benchmarks/results/finetune-<card>.{json,md}
+    python benchmarks/finetune.py --bits 16          # the 16-bit LoRA variant
+    python benchmarks/finetune.py --smoke            # CPU plumbing check: 1 layer, short text, 1 step
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CONTENDERS = ("optimized", "reference", "transformers", "transformers+liger", "unsloth")
+LORA = {"r": 16, "lora_alpha": 16, "lora_dropout": 0.0}
+LANGUAGE_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LEARNING_RATE = 2e-4
+WORKER_TIMEOUT_S = 900
+
+
+# ------------------------------------------------------------------------------------- the contenders
+def load_fastvision(name: str, model_dir: str, bits: int):
+    backend = __import__(name)
+    model, _ = backend.FastVisionModel.from_pretrained(
+        model_dir,
+        load_in_4bit=bits == 4,
+        load_in_16bit=bits == 16,
+        use_gradient_checkpointing="unsloth",
+        max_seq_length=4096,
+    )
+    model = backend.FastVisionModel.get_peft_model(model, finetune_vision_layers=False, **LORA)
+    return backend.FastVisionModel.for_training(model)
+
+
+def load_transformers(model_dir: str, bits: int, liger: bool):
+    import peft
+    import torch
+    from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from model import skip_modules
+
+    on_gpu = torch.cuda.is_available()
+    dtype = torch.bfloat16 if on_gpu else torch.float32  # fastvision's own default per device
+    kwargs = {}
+    if bits == 4:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+            llm_int8_skip_modules=skip_modules(model_dir),
+        )
+    model = AutoModelForImageTextToText.from_pretrained(
+        model_dir, dtype=dtype, device_map="cuda" if on_gpu else "cpu", attn_implementation="sdpa", **kwargs
+    )
+    if liger:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+        _apply_liger_kernel_to_instance(model=model)
+    model.requires_grad_(False)
+    model.gradient_checkpointing_enable({"use_reentrant": False})
+    model.enable_input_require_grads()
+    model.config.use_cache = False
+    language = rf".*language_model.*\.({'|'.join(LANGUAGE_PROJECTIONS)})"
+    return peft.get_peft_model(model, peft.LoraConfig(target_modules=language, **LORA)).train()
+
+
+def load_unsloth(model_dir: str, bits: int):
+    from unsloth import FastVisionModel  # first: it patches transformers as it is imported
+
+    model, _ = FastVisionModel.from_pretrained(
+        model_dir,
+        load_in_4bit=bits == 4,
+        load_in_16bit=bits == 16,
+        use_gradient_checkpointing="unsloth",
+        max_seq_length=4096,
+    )
+    model = FastVisionModel.get_peft_model(
+        model,
+        finetune_vision_layers=False,
+        finetune_language_layers=True,
+        finetune_attention_modules=True,
+        finetune_mlp_modules=True,
+        bias="none",
+        random_state=3407,
+        **LORA,
+    )
+    return FastVisionModel.for_training(model)
+
+
+def load(contender: str, model_dir: str, bits: int):
+    if contender == "unsloth":
+        return load_unsloth(model_dir, bits)
+    if contender.startswith("transformers"):
+        return load_transformers(model_dir, bits, liger=contender.endswith("liger"))
+    return load_fastvision(contender, model_dir, bits)
+
+
+# ------------------------------------------------------------------------------------------ the steps
+def time_steps(model, batch, warmup: int, steps: int) -> dict:
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=LEARNING_RATE)
+
+    def step() -> float:
+        loss = model(**batch, labels=batch["input_ids"]).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from model import median_step
+
+    median, peak, first_loss = median_step(step, max(1, warmup), steps)
+    tokens = int(batch["attention_mask"].sum())
+    return {
+        "step_ms": round(median, 2),
+        "peak_gib": round(peak, 3) if torch.cuda.is_available() else None,
+        "tokens_per_s": round(tokens / (median / 1000), 1),
+        "lora_parameters": sum(p.numel() for p in trainable),
+        "first_loss": round(first_loss, 4),
+        "tokens": tokens,
+    }
+
+
+def worker(args) -> int:
+    """One contender, one family, in this process: print one RESULT line."""
+    os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
+    try:
+        if args.contender == "unsloth":
+            import unsloth  # noqa: F401 - before torch and transformers
+        import torch
+
+        batch = torch.load(args.batch_file, weights_only=True)
+        model = load(args.contender, args.model_dir, args.bits)
+        result = time_steps(model, batch, args.warmup, args.steps)
+    except Exception as error:  # noqa: BLE001 - a contender that cannot run is reported, not fatal
+        result = {"error": f"{type(error).__name__}: {str(error)[:400]}"}
+    print("RESULT " + json.dumps(result), flush=True)
+    return 0
+
+
+# ------------------------------------------------------------------------------------- the orchestra
+def prepare(family: str, directory: pathlib.Path, args) -> tuple[pathlib.Path, pathlib.Path]:
+    """The family's real-width checkpoint and its saved batch, built once for every contender."""
+    import torch
+    from transformers import AutoProcessor
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import model as model_bench
+
+    model_dir = model_bench.build_checkpoint(family, directory / family, args.text_layers, args.vision_layers)
+    batch = model_bench.step_inputs(AutoProcessor.from_pretrained(model_dir), family, args.batch, args.tokens)
+    batch_file = directory / f"{family}-batch.pt"
+    torch.save(dict(batch), batch_file)
+    return model_dir, batch_file
+
+
+def run_contender(contender: str, model_dir, batch_file, args) -> dict:
+    command = [
+        sys.executable,
+        __file__,
+        "--worker",
+        contender,
+        "--model-dir",
+        str(model_dir),
+        "--batch-file",
+        str(batch_file),
+        "--bits",
+        str(args.bits),
+        "--warmup",
+        str(args.warmup),
+        "--steps",
+        str(args.steps),
+    ]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        "HF_HUB_OFFLINE": "1",
+        "UNSLOTH_DISABLE_STATISTICS": "1",
+    }
+    start = time.perf_counter()
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=WORKER_TIMEOUT_S)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    result = json.loads(lines[-1][7:]) if lines else {"error": f"rc {done.returncode}: {done.stderr[-400:]}"}
+    result["process_s"] = round(time.perf_counter() - start, 1)
+    return result
+
+
+def run(args) -> dict:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import model as model_bench
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for family in args.families:
+            model_dir, batch_file = prepare(family, pathlib.Path(tmp), args)
+            for contender in args.contenders:
+                row = {
+                    "family": family,
+                    "contender": contender,
+                    "bits": args.bits,
+                    **run_contender(contender, model_dir, batch_file, args),
+                }
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    return {
+        "device": model_bench.card(),
+        "versions": {**model_bench.versions(), **_peer_versions()},
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "rows": rows,
+        "setup": {**model_bench.setup(args), "bits": args.bits, "lora": LORA, "learning_rate": LEARNING_RATE},
+    }
+
+
+def _peer_versions() -> dict:
+    import importlib.metadata
+
+    found = {}
+    for name in ("peft", "trl", "unsloth", "unsloth_zoo", "liger_kernel"):
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def markdown(result: dict) -> str:
+    lines = [
+        f"# QLoRA fine-tuning step per family ({result['setup']['bits']}-bit base) — {result['device']}, "
+        f"{result['date']}",
+        "",
+        "versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()),
+        f"setup: {result['setup']}",
+        "",
+        "| family | contender | step ms | tokens/s | peak GiB | vs unsloth (speed, memory) | vs transformers "
+        "(speed, memory) | LoRA params | first loss |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    by_key = {(r["family"], r["contender"]): r for r in result["rows"]}
+    for row in result["rows"]:
+        if "error" in row:
+            lines.append(f"| {row['family']} | {row['contender']} | did not run: {row['error'][:160]} ||||||||")
+            continue
+        ratios = []
+        for peer in ("unsloth", "transformers"):
+            base = by_key.get((row["family"], peer))
+            ok = base is not None and "error" not in base
+            ratios.append(
+                f"{base['step_ms'] / row['step_ms']:.2f}x, {row['peak_gib'] / base['peak_gib']:.2f}x"
+                if ok and base["peak_gib"]
+                else "-"
+            )
+        lines.append(
+            f"| {row['family']} | {row['contender']} | {row['step_ms']} | {row['tokens_per_s']} | "
+            f"{row['peak_gib']} | {ratios[0]} | {ratios[1]} | {row['lora_parameters']:,} | {row['first_loss']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--families", nargs="+", default=None)
+    parser.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=CONTENDERS)
+    parser.add_argument("--bits", type=int, default=4, choices=(4, 16))
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--tokens", type=int, default=2000)
+    parser.add_argument("--text-layers", type=int, default=6)
+    parser.add_argument("--vision-layers", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--suffix", default="", help="appended to the result file names")
+    parser.add_argument("--smoke", action="store_true", help="CPU plumbing check: 1 layer, short text, 1 step")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--batch-file", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        args.contender = args.worker
+        return worker(args)
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import model as model_bench
+
+    args.families = args.families or list(model_bench.FAMILIES)
+    if args.smoke:
+        args.text_layers, args.vision_layers, args.batch, args.tokens, args.warmup, args.steps = 1, 1, 1, 16, 1, 1
+    result = run(args)
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = "finetune-" + ("smoke" if args.smoke else model_bench.card().replace(" ", "_")) + args.suffix
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    (out / f"{stem}.md").write_text(markdown(result))
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
