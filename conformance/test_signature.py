@@ -165,3 +165,33 @@ def test_help_points_to_the_shipped_contract(backend):
     doc = inspect.getdoc(backend.FastBaseModel.from_pretrained) or ""
     checks.check("docs/contract.md" in doc, f"help(FastBaseModel.from_pretrained) does not point to docs/contract.md: "
                  f"{doc!r}", repro="help(FastBaseModel.from_pretrained)")  # fmt: skip
+
+
+def documented_peft_signature(text: str) -> list[tuple[str, str]]:
+    """(name, default source text) of `FastVisionModel.get_peft_model(` in the document, after `model`."""
+    block = re.search(r"FastVisionModel\.get_peft_model\(\s*model,(.*?)\*\*kwargs\)", text, re.S)
+    if block is None:
+        raise AssertionError("docs/contract.md has no FastVisionModel.get_peft_model(model, ..., **kwargs) block")
+    return re.findall(r"(\w+)=((?:TaskType\.\w+)|[^,]+?)(?=,\s|\s*$)", block.group(1).replace("\n", " "))
+
+
+@pytest.mark.parametrize("entry", ENTRIES)
+def test_get_peft_model_has_the_documented_signature(backend, entry):
+    documented = documented_peft_signature(CONTRACT_DOC.read_text())
+    params = [p for p in inspect.signature(getattr(backend, entry).get_peft_model).parameters.values()]
+    repro = f"inspect.signature({entry}.get_peft_model)"
+    names = [p.name for p in params if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    checks.check_equal(names, ["model", *(name for name, _ in documented)], "get_peft_model parameters", repro=repro)
+    defaults = {p.name: p.default for p in params}
+    wrong = []
+    for name, text in documented:
+        got = defaults[name]
+        if text.startswith("TaskType."):  # a str enum: its value, or the string itself
+            same = str(getattr(got, "value", got)) == text.split(".", 1)[1]
+        else:
+            same = _same(got, ast.literal_eval(text))
+        if not same:
+            wrong.append(f"{name}: {got!r} (contract: {text})")
+    checks.check(not wrong, f"{entry}.get_peft_model defaults differ from docs/contract.md: {wrong}", repro=repro)
+    checks.check(params[-1].kind is inspect.Parameter.VAR_KEYWORD, "get_peft_model does not end with **kwargs",
+                 repro=repro)  # fmt: skip
