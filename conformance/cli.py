@@ -1,8 +1,9 @@
-"""The `fastvision` command: demo, inspect, conformance, zoo.
+"""The `fastvision` command: demo, inspect, conformance, audit, zoo.
 
     fastvision demo [--family F] [--backend reference|optimized] [--4bit|--8bit|--16bit] [--train]
     fastvision inspect MODEL_OR_DIR [--backend ...] [--4bit|--8bit|--16bit] [--lora]
     fastvision conformance --backend X [--device D] [--junit PATH] [--json PATH] [--profile P]
+    fastvision audit [MODEL_OR_DIR] [--backend X] [--family F] [--json PATH] [--plot PATH] [--baseline OLD.json]
     fastvision zoo [--family F]
 
 With no model named, demo uses the tiny offline checkpoint of the family (`conformance.zoo`), so it
@@ -76,10 +77,38 @@ def _parser() -> argparse.ArgumentParser:
                    help="hypothesis profile: dev (default), ci (CI=1: fixed examples), gpu, thorough (1,000 drawn "
                    "load calls per family)")  # fmt: skip
     p.set_defaults(run=_command("conformance"))
+    _audit_parser(commands)
     p = commands.add_parser("zoo", help="build the tiny offline checkpoints and print where they are")
     p.add_argument("--family", default=None, choices=NAMES, help="only this family (default: all)")
     p.set_defaults(run=_command("build_zoo"))
     return parser
+
+
+def _audit_parser(commands) -> None:
+    p = commands.add_parser("audit", help="compare a backend with transformers layer by layer: table, JSON report, "
+                            "plot, baseline gate (exit 1 on a regression)")  # fmt: skip
+    p.add_argument("model", nargs="?", default=None, help="a checkpoint directory or hub id (default: the tiny "
+                   "checkpoint of --family)")  # fmt: skip
+    p.add_argument("--backend", default="optimized", help="the backend audited: optimized (default), reference, or a "
+                   "module path")  # fmt: skip
+    p.add_argument("--family", default="qwen2_vl", choices=NAMES, help="the tiny checkpoint's family, when no model "
+                   "is named")  # fmt: skip
+    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                   help="the backend's dtype (default: the contract's, float32 on the CPU, bf16 on a GPU)")
+    bits = p.add_mutually_exclusive_group()
+    bits.add_argument("--4bit", dest="mode", action="store_const", const="4bit", help="language model in NF4; the "
+                      "judge and yardstick quantized the same way")  # fmt: skip
+    bits.add_argument("--16bit", dest="mode", action="store_const", const="16bit", help="16-bit weights (default)")
+    p.set_defaults(mode="16bit")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the three models run")
+    p.add_argument("--seed", type=int, default=0, help="the seed of the audit batch's images (default 0)")
+    p.add_argument("--json", default=None, metavar="PATH", help="write the versioned JSON report here")
+    p.add_argument("--plot", default=None, metavar="PATH", help="write a PNG of the error per layer here")
+    p.add_argument("--baseline", default=None, metavar="OLD.json", help="an earlier report of the same checkpoint "
+                   "and inputs: exit 1 if a layer's error grew, or the layers, plan or inputs differ")  # fmt: skip
+    p.add_argument("--max-growth", type=float, default=1.5, help="how much a layer's error may grow over the "
+                   "baseline's (default 1.5x)")  # fmt: skip
+    p.set_defaults(run=_command("audit"))
 
 
 def _demo_parser(commands) -> None:

@@ -135,3 +135,38 @@ def build_zoo(args) -> int:
     return 0
 
 
+
+
+def audit(args) -> int:
+    """`fastvision audit`: exit 0 clean, 1 a layer breaks the rule or the baseline gate, 2 a usage error."""
+    import torch
+
+    from conformance import audit as audits
+
+    baseline = None
+    if args.baseline:
+        try:
+            baseline = audits.AuditReport.from_json(args.baseline)
+        except (OSError, ValueError) as error:  # SchemaError is a ValueError
+            print(f"fastvision audit: --baseline {args.baseline}: {error}")
+            return 2
+    model = args.model or str(zoo.checkpoint(args.family))
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    report = audits.audit(model, args.backend, dtype=dtype, load_in_4bit=args.mode == "4bit", seed=args.seed,
+                          device=args.device, progress=lambda line: print(f"... {line}", flush=True))  # fmt: skip
+    print(audits.table(report))
+    if args.json:
+        report.to_json(args.json)
+        print(f"report: {args.json}")
+    if args.plot:
+        audits.plot(report, args.plot)
+        print(f"plot: {args.plot}")
+    failed = report.first_break is not None
+    if failed:
+        print(f"FAIL: {report.first_break} is the first layer past the kernel rule")
+    if baseline is not None:
+        problems = report.compared_with(baseline, args.max_growth)
+        for problem in problems:
+            print(f"FAIL against {args.baseline}: {problem}")
+        failed = failed or bool(problems)
+    return 1 if failed else 0

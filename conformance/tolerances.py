@@ -113,3 +113,22 @@ IMAGE_DEPENDENCE_MIN_LOGIT_CHANGE = 1e-2
 # 8.8 (gemma3, whose NF4 noise is the largest: 8.5 dB on logits) to 17.1 dB (qwen2_vl), PEFT's
 # merge_and_unload() on the 4-bit model -3.2 to -7.1 dB (-27 to -33 dB for a 0.03-logit fine-tune).
 MERGED_DELTA_MIN_SQNR_DB = 4.0
+
+
+# Audits judge each layer by the kernel rule: the backend's max abs error against the judge (transformers
+# eager in float64 on the CPU, float32 on a GPU) may be KERNEL_ERROR_FACTOR times the yardstick's
+# (transformers eager in the backend's dtype) plus a floor relative to the layer's scale (its largest
+# |value|): the kernels' floors, which are for O(1) outputs. Hidden states of the zoo's decoder layers
+# reach |x| ~ 3-10; fp32 eager against fp64 measures 1e-7 relative there.
+AUDIT_FLOOR = KERNEL_ERROR_FLOOR
+
+
+def audit_bound(yardstick_error: float, scale: float, dtype: torch.dtype) -> float:
+    return KERNEL_ERROR_FACTOR * yardstick_error + AUDIT_FLOOR[dtype] * scale
+
+
+def audit_grew(error: float, baseline_error: float, yardstick_error: float, max_growth: float) -> bool:
+    """A layer's error grew past its baseline: by more than `max_growth`, and beyond KERNEL_ERROR_FACTOR times
+    transformers' own error in the same run (under that, a change is rounding and summation order, which
+    move with library versions, not a regression)."""
+    return error > max_growth * baseline_error and error > KERNEL_ERROR_FACTOR * yardstick_error

@@ -47,3 +47,29 @@ def test_zoo_prints_every_family_directory(capsys):
     output = capsys.readouterr().out
     for family in zoo.FAMILIES:
         assert f"{family}: {zoo.checkpoint(family)}" in output
+
+
+def test_every_subcommand_and_flag_has_help_text():
+    import argparse
+
+    parser = cli._parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    listed = {choice.dest: choice.help for choice in subparsers._choices_actions}
+    assert set(listed) == {"demo", "inspect", "conformance", "audit", "zoo"} and all(listed.values()), listed
+    for name, sub in subparsers.choices.items():
+        silent = [a.option_strings or [a.dest] for a in sub._actions if not a.help and a.dest != "help"]
+        assert not silent, f"fastvision {name}: no help text for {silent}"
+
+
+def test_help_and_version_need_no_torch():
+    # --help and --version answer from the light modules: torch and transformers are imported only by the
+    # subcommand that runs.
+    import subprocess
+    import sys
+
+    code = ("import sys; from conformance import cli\n"
+            "try:\n    cli.main(['--version'])\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip().endswith("[]"), done.stdout + done.stderr
+    assert "fastvision" in done.stdout
