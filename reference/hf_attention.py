@@ -16,8 +16,6 @@ import warnings
 from collections.abc import Callable
 
 import torch
-from transformers import masking_utils
-from transformers.modeling_utils import AttentionInterface
 
 from reference.ops.attention import AttentionSpec
 from reference.shared_state import SharedChange, mapping_entry, together
@@ -39,6 +37,8 @@ def _factory_of(fn) -> str:
 def _read(fn) -> dict:
     """The structure of a transformers mask function as {causal, window, spans, always}; raises
     _Unrecognised for anything else."""
+    from transformers import masking_utils  # imported with the first mask: it imports torch._dynamo
+
     if fn is masking_utils.causal_mask_function:
         return {"causal": True}
     if fn is masking_utils.bidirectional_mask_function:
@@ -102,6 +102,8 @@ def _sizes(kwargs) -> tuple[int, int, int, int]:
 
 
 def _spec_from_structure(structure: dict, kwargs) -> AttentionSpec:
+
+    from transformers import masking_utils  # imported with the first mask: it imports torch._dynamo
     q_length, kv_length, q_offset, kv_offset = _sizes(kwargs)
     if q_offset - kv_offset != kv_length - q_length:  # queries not bottom-right aligned (e.g. a static cache)
         raise _Unrecognised("offsets")
@@ -134,6 +136,8 @@ def build_mask_spec(*args, **kwargs) -> AttentionSpec:
     reader cannot take apart is evaluated densely by transformers itself: quietly for a composition it
     does not know, with one warning when reading failed (a renamed captured variable, a changed closure
     in a new transformers), so a forward is never broken by the reader."""
+    from transformers import masking_utils  # imported with the first mask: it imports torch._dynamo
+
     try:
         return _spec_from_structure(_read(kwargs["mask_function"]), kwargs)
     except _Unrecognised:
@@ -205,17 +209,29 @@ class AttentionRegistration(SharedChange):
     """`op` under `key` in transformers' attention and mask interfaces (both: with only the first,
     transformers hands the function attention_mask=None and padding is silently ignored), while a model
     holds it. transformers' public `register` has no inverse, and its mask preprocessing reads the class
-    mapping itself (`_global_mapping`), so the entries are put there and taken out again directly."""
+    mapping itself (`_global_mapping`), so the entries are put there and taken out again directly.
+    transformers' modeling and masking modules are imported at the first registration, not with
+    `import reference` (masking_utils imports torch._dynamo: ~2 s on 2 cores)."""
 
     def __init__(self, key: str, op: AttentionOp, mask_builder: Callable = build_mask_spec):
         if "flash" in key:
             raise ValueError(f"attention key {key!r} must not contain 'flash': transformers would fetch a hub kernel")
-        self.key, self.op = key, op
-        entries = (
-            mapping_entry(AttentionInterface._global_mapping, key, make_attention_forward(op), f"attention {key}"),
-            mapping_entry(masking_utils.AttentionMaskInterface._global_mapping, key, mask_builder, f"mask {key}"),
-        )
-        super().__init__(f"attention key {key}", *together(key, *entries))
+        self.key, self.op, self.mask_builder = key, op, mask_builder
+        self._entries: tuple[SharedChange, ...] | None = None
+        super().__init__(f"attention key {key}", lambda: together(key, *self.entries())[0](),
+                         lambda: together(key, *self.entries())[1]())  # fmt: skip
+
+    def entries(self) -> tuple[SharedChange, ...]:
+        if self._entries is None:
+            from transformers import masking_utils
+            from transformers.modeling_utils import AttentionInterface
+
+            attention = mapping_entry(AttentionInterface._global_mapping, self.key, make_attention_forward(self.op),
+                                      f"attention {self.key}")  # fmt: skip
+            mask = mapping_entry(masking_utils.AttentionMaskInterface._global_mapping, self.key, self.mask_builder,
+                                 f"mask {self.key}")  # fmt: skip
+            self._entries = (attention, mask)
+        return self._entries
 
 
 def register(key: str, op: AttentionOp, mask_builder: Callable = build_mask_spec) -> AttentionRegistration:

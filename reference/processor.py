@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import os
 
-from transformers import AutoProcessor
-
 
 def load_processor(source: str | os.PathLike, *, token=None, trust_remote_code=False, **hub_kwargs):
+    # Imported with the first load: the image processors import torchvision, which imports torch._dynamo.
+    from transformers import AutoProcessor
+
     processor = AutoProcessor.from_pretrained(
         os.fspath(source), token=token, trust_remote_code=trust_remote_code, **hub_kwargs
     )
