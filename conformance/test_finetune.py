@@ -236,6 +236,7 @@ def test_two_sft_trainer_steps_lower_the_loss_on_a_repeated_batch(backend, devic
         disable_tqdm=True,
     )
     dataset = Dataset.from_list([conversation(0), conversation(0)] * 2)
+    chosen = checkpointing_functions(model)
     with checks.reproducing(repro):
         trainer = SFTTrainer(
             model=model,
@@ -248,6 +249,14 @@ def test_two_sft_trainer_steps_lower_the_loss_on_a_repeated_batch(backend, devic
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     checks.check(len(losses) == 2 and all(torch.isfinite(torch.tensor(losses))), f"losses {losses}", repro=repro)
     checks.check(losses[1] < losses[0], f"the loss did not fall on a repeated batch: {losses}", repro=repro)
+    # SFTConfig turns gradient checkpointing on by default, and the Trainer calls the model's checkpointing
+    # entry point at train(): the mode chosen at load ("unsloth" offloading) must survive it.
+    checks.check_equal(checkpointing_functions(model), chosen, "checkpoint functions after train()", repro=repro)
+
+
+def checkpointing_functions(model) -> set:
+    return {getattr(getattr(m, "_gradient_checkpointing_func", None), "__qualname__", None) for m in model.modules()
+            if getattr(m, "gradient_checkpointing", False) is True}
 
 
 # --------------------------------------------------------------------------- parity, reload and merges

@@ -42,6 +42,15 @@ def test_inspect_prints_the_plan_of_a_checkpoint_directory(capsys):
     assert {module for module, kind in plan.items() if kind == "int8"} == _language_model_linears("llava")
 
 
+def test_inspect_lora_prints_where_each_linear_gets_an_adapter(capsys):
+    assert cli.main(["inspect", str(zoo.checkpoint("llava")), "--16bit", "--lora"]) == 0
+    output = capsys.readouterr().out
+    rows = [line.split() for line in output.split("LoRA plan", 1)[1].splitlines()[1:] if line.startswith("  model.")]
+    lora = {cells[0] for cells in rows if cells[1] == "lora"}
+    assert lora and all(".layers." in name for name in lora)  # vision and language layers only, by default
+    assert {"model.multi_modal_projector.linear_1", "lm_head"} & {cells[0] for cells in rows if cells[1] == "frozen"}
+
+
 def test_zoo_prints_every_family_directory(capsys):
     assert cli.main(["zoo"]) == 0
     output = capsys.readouterr().out

@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import masking_utils as mu
 
+from reference import hf_attention
 from reference.hf_attention import build_mask_spec, spec_for_call
 from reference.ops.attention import AttentionSpec, build_mask
 
@@ -95,6 +96,29 @@ def test_unknown_composition_falls_back_to_transformers_dense_mask():
     spec = build_mask_spec(**kwargs)
     assert not spec.is_structured
     assert torch.equal(build_mask(spec, 1, 5, 5, "cpu")[0, 0], torch.eye(5, dtype=torch.bool))
+
+
+def sliding_window_overlay(sliding_window):
+    """transformers' overlay as a later release might write it: same mask, captured variable renamed."""
+    window = sliding_window
+
+    def inner_mask(batch_idx, head_idx, q_idx, kv_idx):
+        return kv_idx > q_idx - window
+
+    return inner_mask
+
+
+def test_a_closure_the_reader_cannot_read_falls_back_with_one_warning(recwarn):
+    hf_attention._warn_reader_failed.cache_clear()  # once per process: another test may have warned already
+    renamed = mu.and_masks(sliding_window_overlay(3), mu.causal_mask_function)
+    kwargs = dict(batch_size=1, q_length=6, kv_length=6, mask_function=renamed, device="cpu")
+    specs = [build_mask_spec(**kwargs) for _ in range(3)]  # every layer of a forward builds its mask
+    expected = mu.sdpa_mask(**kwargs, allow_is_causal_skip=False)
+    for spec in specs:
+        assert not spec.is_structured
+        assert torch.equal(build_mask(spec, 1, 6, 6, "cpu").expand_as(expected), expected)
+    said = [w for w in recwarn if "could not read the structure" in str(w.message)]
+    assert len(said) == 1, [str(w.message) for w in recwarn]
 
 
 def test_additive_block_mask_becomes_boolean():
