@@ -3,8 +3,8 @@
 Load in 4-bit with "unsloth" checkpointing, attach LoRA (`get_peft_model`), fine-tune with TRL's
 `SFTTrainer` and the backend's `UnslothVisionDataCollator` on generated image/caption pairs (a coloured
 square, captioned with its colour), save the adapter, reload it through `from_pretrained` and generate.
-The tiny model starts from random weights; after the default 300 steps it names the colour of squares it
-never saw.
+The tiny model starts from random weights; after the default 300 steps it answers in the caption's form
+about squares it never saw, and names some of their colours.
 """
 
 from __future__ import annotations
