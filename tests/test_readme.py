@@ -22,7 +22,8 @@ def fine_tune_block() -> str:
 
 
 def test_the_fine_tune_section_runs_as_written(tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), *sys.path])}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), *sys.path])}
     done = subprocess.run([sys.executable, "-c", fine_tune_block()], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=TIMEOUT_S)  # fmt: skip
     assert done.returncode == 0, done.stderr[-4000:]

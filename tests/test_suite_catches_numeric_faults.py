@@ -38,7 +38,8 @@ def run_suite(backend: str, selection: str) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "pytest", "--pyargs", "conformance", "--backend", backend, "-k", selection,
                "-q", "-p", "no:cacheprovider", "-x"]  # fmt: skip
     path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": path}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": path}  # one thread: see test_load_lifecycle
     env.pop("PYTEST_ADDOPTS", None)
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
