@@ -18,6 +18,7 @@ Each contender runs in a process of its own (Unsloth patches transformers when i
     python benchmarks/finetune.py                    # GPU: benchmarks/results/finetune-<card>.{json,md}
     python benchmarks/finetune.py --bits 16          # the 16-bit LoRA variant
     python benchmarks/finetune.py --smoke            # CPU plumbing check: 1 layer, short text, 1 step
+    python benchmarks/finetune.py --profile DIR      # also top GPU kernels: DIR/<family>-<contender>-<bits>bit.txt
 """
 
 from __future__ import annotations
@@ -119,7 +120,7 @@ def load(contender: str, model_dir: str, bits: int):
 
 
 # ------------------------------------------------------------------------------------------ the steps
-def time_steps(model, batch, warmup: int, steps: int) -> dict:
+def time_steps(model, batch, warmup: int, steps: int, profile: str | None = None) -> dict:
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -138,6 +139,10 @@ def time_steps(model, batch, warmup: int, steps: int) -> dict:
     from model import median_step
 
     median, peak, first_loss = median_step(step, max(1, warmup), steps)
+    if profile:
+        from model import profile_calls
+
+        pathlib.Path(profile).write_text(profile_calls(step))
     tokens = int(batch["attention_mask"].sum())
     return {
         "step_ms": round(median, 2),
@@ -159,7 +164,7 @@ def worker(args) -> int:
 
         batch = torch.load(args.batch_file, weights_only=True)
         model = load(args.contender, args.model_dir, args.bits)
-        result = time_steps(model, batch, args.warmup, args.steps)
+        result = time_steps(model, batch, args.warmup, args.steps, args.profile)
     except Exception as error:  # noqa: BLE001 - a contender that cannot run is reported, not fatal
         result = {"error": f"{type(error).__name__}: {str(error)[:400]}"}
     print("RESULT " + json.dumps(result), flush=True)
@@ -182,7 +187,7 @@ def prepare(family: str, directory: pathlib.Path, args) -> tuple[pathlib.Path, p
     return model_dir, batch_file
 
 
-def run_contender(contender: str, model_dir, batch_file, args) -> dict:
+def run_contender(family: str, contender: str, model_dir, batch_file, args) -> dict:
     command = [
         sys.executable,
         __file__,
@@ -199,6 +204,8 @@ def run_contender(contender: str, model_dir, batch_file, args) -> dict:
         "--steps",
         str(args.steps),
     ]
+    if args.profile:
+        command += ["--profile", str(pathlib.Path(args.profile, f"{family}-{contender}-{args.bits}bit.txt"))]
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
@@ -226,7 +233,7 @@ def run(args) -> dict:
                     "family": family,
                     "contender": contender,
                     "bits": args.bits,
-                    **run_contender(contender, model_dir, batch_file, args),
+                    **run_contender(family, contender, model_dir, batch_file, args),
                 }
                 rows.append(row)
                 print(json.dumps(row), flush=True)
@@ -298,6 +305,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--suffix", default="", help="appended to the result file names")
     parser.add_argument("--smoke", action="store_true", help="CPU plumbing check: 1 layer, short text, 1 step")
+    parser.add_argument("--profile", metavar="DIR", help="write each contender's top GPU kernels to DIR (a worker: "
+                        "the file)")  # fmt: skip
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--batch-file", default=None, help=argparse.SUPPRESS)
@@ -309,6 +318,8 @@ def main(argv=None) -> int:
     import model as model_bench
 
     args.families = args.families or list(model_bench.FAMILIES)
+    if args.profile:
+        pathlib.Path(args.profile).mkdir(parents=True, exist_ok=True)
     if args.smoke:
         args.text_layers, args.vision_layers, args.batch, args.tokens, args.warmup, args.steps = 1, 1, 1, 16, 1, 1
     result = run(args)

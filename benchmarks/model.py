@@ -303,10 +303,13 @@ def median_step(step, warmup: int, steps: int) -> tuple[float, float, object]:
 
 def profile_steps(model, batch, steps: int = 2, top: int = 30) -> str:
     """Where a step's GPU time goes: the `top` kernels by total device time over `steps` steps."""
+    return profile_calls(training_step(model, batch.to(_device())), steps, top)
+
+
+def profile_calls(step, steps: int = 2, top: int = 30) -> str:
+    """The `top` kernels (ops on the CPU) by total device time over `steps` calls of `step`."""
     from torch.profiler import ProfilerActivity, profile
 
-    batch = batch.to(_device())
-    step = training_step(model, batch)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     with profile(activities=activities) as prof:
         for _ in range(steps):

@@ -335,6 +335,50 @@ def test_lora_logits_and_gradients_match_transformers_with_the_same_adapter(back
         )
 
 
+def training_loss_and_lora_grads(model, batch, labels):
+    """A training forward with labels, as Trainer runs it: the loss, its LoRA gradients, the logits (None
+    where the backend does not build them in training: the contract allows it)."""
+    model.zero_grad(set_to_none=True)
+    model.train()
+    out = model(**batch, labels=labels)
+    out.loss.backward()
+    grads = {n.replace(".default", ""): p.grad.detach().clone() for n, p in model.named_parameters()
+             if "lora_" in n and p.grad is not None}  # fmt: skip
+    return out.loss.detach(), grads, None if out.logits is None else out.logits.detach()
+
+
+@pytest.mark.parametrize("family", ALL)
+def test_the_training_loss_and_its_lora_gradients_match_transformers_with_the_same_adapter(backend, device, family):
+    model, processor, repro = perturbed_adapter(backend, family, device, load_in_4bit=False)
+    repro += "; model.train(); model(**batch, labels=labels).loss.backward()"
+    dtype = model.get_input_embeddings().weight.dtype
+    batch = inputs.image_batch(processor).to(device)
+    # Padding and the first third of every row ignored, as a responses-only collator leaves the prompt.
+    labels = batch["input_ids"].masked_fill(~batch["attention_mask"].bool(), -100)
+    labels[:, : labels.shape[1] // 3] = -100
+    with checks.reproducing(repro):
+        loss, grads, logits = training_loss_and_lora_grads(model, batch, labels)
+    truth, truth_grads, truth_logits = training_loss_and_lora_grads(eager_with(model, family, device, torch.float32),
+                                                                    batch, labels)  # fmt: skip
+    yard, yard_grads, yard_logits = training_loss_and_lora_grads(eager_with(model, family, device, dtype), batch,
+                                                                 labels)  # fmt: skip
+    err, bound = (loss - truth).abs().item(), tolerances.training_loss_bound((yard - truth).abs().item(), dtype)
+    checks.check(err <= bound, f"training loss differs from transformers + PEFT by {err:.3g} > {bound:.3g}",
+                 repro=repro)  # fmt: skip
+    checks.check_equal(set(grads), set(truth_grads), "LoRA weights with gradients", repro=repro)
+    for name, want in truth_grads.items():
+        error = (grads[name].float() - want).abs().max().item()
+        bound = tolerances.model_grads_bound((yard_grads[name].float() - want).abs().max().item(), want, dtype)
+        checks.check(error <= bound, f"training gradient of {name} differs from the judge's by {error:.3g} > "
+                     f"{bound:.3g}", repro=repro)  # fmt: skip
+    if logits is not None:  # built after all: they must be the model's logits
+        valid = batch["attention_mask"].bool()
+        error = (logits.float() - truth_logits)[valid].abs().max().item()
+        bound = tolerances.model_logits_bound((yard_logits.float() - truth_logits)[valid].abs().max().item(), dtype)
+        checks.check(error <= bound, f"training logits differ from the judge's by {error:.3g} > {bound:.3g}",
+                     repro=repro)  # fmt: skip
+
+
 def _valid_logits(model, processor, device):
     batch = inputs.image_batch(processor).to(device)
     with torch.no_grad():

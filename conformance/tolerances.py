@@ -82,6 +82,14 @@ def model_logits_bound(eager_error: float, dtype: torch.dtype) -> float:
     return KERNEL_ERROR_FACTOR * eager_error + MODEL_LOGITS_ATOL[dtype]
 
 
+def training_loss_bound(eager_error: float, dtype: torch.dtype) -> float:
+    """The largest error of a training forward's loss against the fp32 eager model's, given the same-dtype
+    eager model's error. The loss is a mean of per-token log-softmax terms of the logits, so it carries the
+    logits' bound; a backend that fuses the LM head into the loss (no logits built) computes the same
+    per-row dot products and softmax in the same dtypes, in chunks of rows."""
+    return model_logits_bound(eager_error, dtype)
+
+
 def model_grads_bound(eager_error: float, truth: torch.Tensor, dtype: torch.dtype) -> float:
     """The largest gradient error against the fp32 eager model's gradients `truth`, given the same-dtype
     eager model's error on them."""

@@ -8,7 +8,7 @@ import functools
 import weakref
 
 from optimized import ops
-from optimized.patches import fused_layers, pixtral, qwen_vision
+from optimized.patches import fused_head, fused_layers, pixtral, qwen_vision
 from reference.families import FamilySpec
 from reference.hf_attention import register
 from reference.loader import Backend
@@ -24,9 +24,10 @@ def patch_model(model, family: FamilySpec) -> None:
     module = FAMILY_PATCHES.get(family.name)
     if module is not None and _served_by_us(model):
         undo.append(functools.partial(module.unpatch, module.patch(model)))
-    fused = fused_layers.patch(model)
+    fused, head_fused = fused_layers.patch(model), fused_head.patch(model)
     model_ref = weakref.ref(model)  # held weakly: the model holds this function (no reference cycle)
     undo.append(lambda: fused_layers.unpatch(model_ref(), fused))
+    undo.append(lambda: fused_head.unpatch(model_ref(), head_fused))
 
     def unpatch():
         for step in reversed(undo):

@@ -96,3 +96,10 @@ def causal_lm_loss(logits, labels, vocab_size, num_items_in_batch=None, ignore_i
     return _on_kernel("cross_entropy", "causal_lm_loss", logits, labels, in_input_dtype=False, vocab_size=vocab_size,
                       num_items_in_batch=num_items_in_batch, ignore_index=ignore_index, shift_labels=shift_labels,
                       **kwargs)  # fmt: skip
+
+
+def linear_causal_lm_loss(hidden, weight, labels, vocab_size, num_items_in_batch=None, ignore_index=-100,
+                          shift_labels=None, **kwargs):  # fmt: skip
+    return _on_kernel("linear_cross_entropy", "linear_causal_lm_loss", hidden, weight, labels, in_input_dtype=False,
+                      vocab_size=vocab_size, num_items_in_batch=num_items_in_batch, ignore_index=ignore_index,
+                      shift_labels=shift_labels, **kwargs)  # fmt: skip

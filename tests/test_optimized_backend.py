@@ -118,7 +118,7 @@ def test_a_reference_model_loaded_after_an_optimized_one_is_untouched(kernel_cal
 
 
 FUSED = {"rmsnorm": "rms_norm", "gated_activation": "gated_activation", "rope": "apply_rotary",
-         "cross_entropy": "causal_lm_loss"}  # fmt: skip
+         "cross_entropy": "causal_lm_loss", "linear_cross_entropy": "linear_causal_lm_loss"}  # fmt: skip
 
 
 @pytest.fixture
@@ -137,12 +137,14 @@ def fused_calls(monkeypatch):
     return counts
 
 
-def _loss_and_grads(model, family: str, batch):
-    """The training loss of `batch` and its gradient with respect to the input embeddings."""
+def _loss_and_grads(model, family: str, batch, training: bool = False):
+    """The loss of `batch` (in eval or training mode) and its gradient with respect to the input
+    embeddings; the logits, or None where the model did not build them."""
+    model.train(training)
     with families.capturing_input_embeddings(model, family) as captured:
         out = model(**batch, labels=batch["input_ids"])
     out.loss.backward()
-    return out.logits.detach(), out.loss.detach(), captured[0].grad
+    return None if out.logits is None else out.logits.detach(), out.loss.detach(), captured[0].grad
 
 
 def _text_layers(model) -> int:
@@ -172,10 +174,38 @@ def test_norms_gated_mlps_rotary_and_loss_run_fused_and_match_the_reference(fuse
                                                                                     torch.float32)
 
 
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "llava", "pixtral", "gemma3"])
+def test_a_training_forward_fuses_the_lm_head_into_the_loss_and_builds_no_logits(fused_calls, family):
+    model, processor = _load(optimized, family)
+    reference_model, _ = _load(reference, family)
+    batch = _batch(processor, model)
+    logits, loss, grads = _loss_and_grads(model, family, batch, training=True)
+    assert logits is None, f"{family}: a training forward with labels built the logits"
+    assert (fused_calls["linear_cross_entropy"], fused_calls["cross_entropy"]) == (1, 0), fused_calls
+    _, want_loss, want_grads = _loss_and_grads(reference_model, family, batch, training=True)
+    valid = batch["attention_mask"].bool()
+    assert (loss - want_loss).abs() <= tolerances.MODEL_LOGITS_ATOL[torch.float32]
+    assert (grads - want_grads)[valid].abs().max() <= tolerances.model_grads_bound(0.0, want_grads[valid],
+                                                                                    torch.float32)
+    with torch.no_grad():  # no gradients: the logits are built, as transformers does
+        assert model(**batch, labels=batch["input_ids"]).logits is not None
+
+
+def test_an_adapter_on_the_lm_head_keeps_transformers_head_and_its_logits(fused_calls):
+    import peft
+
+    model, processor = _load(optimized, "llava")
+    model = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["lm_head"]))
+    model.train()
+    out = model(**_batch(processor, model), labels=_batch(processor, model)["input_ids"])
+    assert out.logits is not None and fused_calls["linear_cross_entropy"] == 0
+    assert fused_calls["cross_entropy"] == 1
+
+
 def test_unpatching_gives_back_transformers_own_layers(fused_calls):
     model, processor = _load(optimized, "llava")
     model.fastvision_unpatch()
     assert not [type(m).__name__ for m in model.modules() if "forward" in vars(m)]
-    assert "_loss_function" not in vars(model)
+    assert "_loss_function" not in vars(model) and "forward" not in vars(model)
     _loss_and_grads(model, "llava", _batch(processor, model))
     assert fused_calls == dict.fromkeys(FUSED, 0)

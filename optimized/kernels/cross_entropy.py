@@ -132,7 +132,9 @@ def _block(blocks: Blocks, vocab: int) -> int:
     return max(16, min(blocks.block, 1 << max(0, vocab - 1).bit_length()))
 
 
-def _launch_forward(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, blocks: Blocks):
+def row_losses(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, blocks: Blocks):
+    """(per-row fp32 loss, per-row fp32 log-sum-exp) of logits (B, S, V) with unit vocab stride against
+    shifted targets (B * S,); 0 loss on ignored rows."""
     batch, seq_len, vocab = logits.shape
     rows = batch * seq_len
     loss = torch.empty(rows, device=logits.device, dtype=torch.float32)
@@ -143,9 +145,12 @@ def _launch_forward(logits: torch.Tensor, targets: torch.Tensor, ignore_index: i
     return loss, lse
 
 
-def _launch_backward(logits, targets, lse, grad_loss, ignore_index: int, blocks: Blocks):
+def row_gradients(logits, targets, lse, grad_loss, ignore_index: int, blocks: Blocks, out=None):
+    """d(loss)/d(logits) = (softmax - onehot) * grad_loss[row], in the logits' dtype, into `out` (a new
+    contiguous tensor when None). `out` may be the logits themselves when they are contiguous: each
+    program reads a block of its row before it writes that block."""
     batch, seq_len, vocab = logits.shape
-    grad = torch.empty(logits.shape, device=logits.device, dtype=logits.dtype)  # never the user's logits
+    grad = torch.empty(logits.shape, device=logits.device, dtype=logits.dtype) if out is None else out
     if batch * seq_len:
         _launch(_ce_bwd_kernel, (batch * seq_len,), logits, targets, lse, grad_loss, grad, seq_len,
                 logits.stride(0), logits.stride(1), grad_loss.stride(0), vocab, ignore_index,
@@ -163,7 +168,7 @@ class _CrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, targets, ignore_index: int, blocks: Blocks):
-        loss, lse = _launch_forward(logits, targets, ignore_index, blocks)
+        loss, lse = row_losses(logits, targets, ignore_index, blocks)
         ctx.save_for_backward(logits, targets, lse)
         ctx.ignore_index, ctx.blocks = ignore_index, blocks
         return loss
@@ -171,7 +176,7 @@ class _CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         logits, targets, lse = ctx.saved_tensors
-        grad = _launch_backward(logits, targets, lse, grad_loss, ctx.ignore_index, ctx.blocks)
+        grad = row_gradients(logits, targets, lse, grad_loss, ctx.ignore_index, ctx.blocks)  # never the user's logits
         return grad, None, None, None
 
 
@@ -232,4 +237,4 @@ def causal_lm_loss_with_blocks(logits, labels, vocab_size, num_items_in_batch=No
     return per_row.sum() / num_items_in_batch
 
 
-__all__ = ["Blocks", "causal_lm_loss", "causal_lm_loss_with_blocks", "default_blocks"]
+__all__ = ["Blocks", "causal_lm_loss", "causal_lm_loss_with_blocks", "default_blocks", "row_gradients", "row_losses"]

@@ -12,7 +12,7 @@ replaced by one kernel forward and one backward (`optimized/kernels/`):
   variable only inside the optimized model's own attention modules, so every other model (reference
   ones included) calls the original function; the global is swapped only while an optimized model
   lives (`reference.shared_state`);
-- the causal-LM loss: the model's `loss_function`, an instance attribute transformers provides for it.
+- the causal-LM loss, with the LM head fused into it while training (`optimized/patches/fused_head.py`).
 
 Everything is set per instance and undone by `unpatch`.
 """
@@ -92,7 +92,7 @@ def _calls_rotary(module, modeling_modules) -> bool:
 
 
 def patch(model) -> list:
-    """Fuse the model's norms, gated MLPs, text rotary embedding and loss; returns what to undo."""
+    """Fuse the model's norms, gated MLPs and text rotary embedding; returns what to undo."""
     modeling_modules = _hold_rotary_globals(model)
     patched = []
     for module in model.modules():
@@ -106,11 +106,9 @@ def patch(model) -> list:
         else:
             continue
         patched.append(module)
-    model.loss_function = ops.causal_lm_loss
     return patched
 
 
 def unpatch(model, patched: list) -> None:
     for module in patched:
         del module.forward  # the class's forward shows through again
-    del model._loss_function  # transformers' `loss_function` property falls back to its loss mapping
