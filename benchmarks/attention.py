@@ -253,9 +253,9 @@ def peers(x: Inputs) -> dict:
     return found
 
 
-def ours(plan=None):
+def ours(plan=None, fold_scale: bool = True):
     def run(x: Inputs, q, k, v):
-        return kernel._AttentionFunction.apply(q, k, v, x.spec, plan)
+        return kernel.attention_with_plan(q, k, v, x.spec, plan, fold_scale=fold_scale)
     return run
 
 
@@ -441,14 +441,7 @@ def candidates(case: Case) -> dict:
 
 def _kernel_runner(x: Inputs, which: str, tiles):
     """A thunk launching one kernel of ours alone, on the lowered structure and saved lse/delta."""
-    q, k, v, plan, low = kernel._prepare(x.q.detach(), x.k.detach(), x.v.detach(), x.spec, None)
-    out, lse, _ = kernel._launch_forward(q, k, v, x.spec, low, plan.fwd)
-    _, delta, _ = kernel._launch_dq(q, k, v, out, x.grad, lse, x.spec, low, plan.dq)
-    if which == "fwd":
-        return lambda: kernel._launch_forward(q, k, v, x.spec, low, tiles)
-    if which == "dkdv":
-        return lambda: kernel._launch_dkdv(q, k, v, x.grad, lse, delta, x.spec, low, tiles)
-    return lambda: kernel._launch_dq(q, k, v, out, x.grad, lse, x.spec, low, tiles)
+    return kernel.kernel_thunk(x.q, x.k, x.v, x.grad, x.spec, which, tiles)
 
 
 def sweep_case(x: Inputs) -> tuple[dict, kernel.TilePlan]:
@@ -472,7 +465,7 @@ def sweep_case(x: Inputs) -> tuple[dict, kernel.TilePlan]:
 
 
 def _pad_from_env() -> None:
-    kernel.PADDED_HEAD_DIMS.update(int(d) for d in os.environ.get(PAD_ENV, "").split(",") if d)
+    kernel.pad_head_dims(int(d) for d in os.environ.get(PAD_ENV, "").split(",") if d)
 
 
 def _warm(case_name: str, what: str, tiles) -> str:
@@ -540,7 +533,7 @@ def main(argv=None) -> None:
     parser.add_argument("--sweep", action="store_true", help="time candidate tile plans first")
     parser.add_argument("--jobs", type=int, default=0, help="compile in N processes first (0: no)")
     parser.add_argument("--pad-head-dim", type=int, nargs="*", default=[],
-                        help="run these head dims padded to a power of two instead of split (kernel.PADDED_HEAD_DIMS)")
+                        help="run these head dims padded to a power of two instead of split (kernel.pad_head_dims)")
     parser.add_argument("--warm-only", action="store_true", help="only fill the compile caches (--jobs)")
     args = parser.parse_args(argv)
     cases = [c for c in CASES + MODEL_CASES if c.name in args.cases.split(",")]
@@ -575,8 +568,7 @@ def compiled_report() -> list[dict]:
     """Registers, spills, shared memory and wgmma count of every compiled variant of our kernels: what
     the compiler made of each plan (best effort: these are Triton internals)."""
     found = []
-    for fn in (kernel._attn_fwd_kernel, kernel._attn_fwd_dense_kernel, kernel._attn_bwd_dkdv_kernel,
-               kernel._attn_bwd_dkdv_dense_kernel, kernel._attn_bwd_dq_kernel, kernel._attn_bwd_dq_dense_kernel):
+    for fn in kernel.kernels():
         for caches in getattr(fn, "device_caches", {}).values():
             for compiled in caches[0].values():
                 try:
@@ -593,7 +585,7 @@ def compiled_report() -> list[dict]:
 
 
 def _plan_dict(x: Inputs, plan) -> dict:
-    """The plan the kernels ran: the given one, else the default _prepare picks (dense or not)."""
+    """The plan the kernels ran: the given one, else the default one for the call (dense or not)."""
     dense = kernel.uses_dense_kernel(x.q, x.k, x.v, x.spec)
     plan = plan or kernel.default_plan(x.case.head_dim, x.q.device, x.spec, x.case.seq, x.q.dtype, dense)
     return {name: list(tiles) for name, tiles in plan._asdict().items()} | {"dense_kernels": dense}

@@ -11,6 +11,7 @@ graph time is host-bound in `attention.py`'s table.
 
 from __future__ import annotations
 
+import argparse
 import pathlib
 import sys
 
@@ -37,24 +38,21 @@ def graph_ms(step) -> float:
     return do_bench(graph.replay, warmup=25, rep=100, return_mode="median")
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args(argv)
     cases = {case.name: case for case in bench.CASES}
-    folds = kernel.folds_scale
     for name in CASES:
         x = bench.make_inputs(cases[name])
         plan = kernel.default_plan(x.case.head_dim, x.q.device, x.spec, x.case.seq, x.q.dtype)
-        for fold in (True, False):
-            kernel.folds_scale = folds if fold else (lambda spec, head_dim: False)
-            kernel._RECORDED.clear()  # recorded launches keep the folding they were recorded with
+        for fold in (True, False):  # fold=False: no scale folding, so the general forward kernel
             for tiles in (plan.fwd, kernel.Tiles(128, 64, 8, 3), kernel.Tiles(128, 128, 8, 3),
                           kernel.Tiles(64, 64, 4, 3)):
-                fn = bench.ours(kernel.TilePlan(tiles, plan.dkdv, plan.dq))
+                fn = bench.ours(kernel.TilePlan(tiles, plan.dkdv, plan.dq), fold_scale=fold)
                 gpu = graph_ms(bench._step(fn, x, "fwd"))
                 ms = bench.time_pass(fn, x, "fwd")
                 host = bench.host_pass(fn, x, "fwd", 100)
                 print(f"{name} fold={fold} {tuple(tiles)}: do_bench {ms * 1e3:.1f} us  graph {gpu * 1e3:.1f} us  "
                       f"host {host * 1e3:.1f} us", flush=True)
-        kernel.folds_scale = folds
 
 
 if __name__ == "__main__":

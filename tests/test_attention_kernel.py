@@ -22,14 +22,17 @@ from hypothesis import strategies as st  # noqa: E402
 
 from conformance.oracle import attention_oracle, attention_oracle_grads  # noqa: E402
 from conformance.tolerances import kernel_bound  # noqa: E402
-from optimized.kernels import attention as kernel_module  # noqa: E402
 from optimized.kernels.attention import (  # noqa: E402
     TilePlan,
     Tiles,
-    _AttentionFunction,
     attention,
     attention_forward,
+    attention_with_plan,
+    uses_dense_backward,
+    uses_dense_kernel,
 )
+from optimized.kernels.attention import launchers as launcher_module  # noqa: E402
+from optimized.kernels.attention import recorded as recorded_module  # noqa: E402
 from reference.ops.attention import AttentionSpec, build_mask  # noqa: E402
 from reference.ops.attention import attention as reference_attention  # noqa: E402
 from tests.kernel_parity import DTYPES, GPU, error, hypothesis_settings, reference_error  # noqa: E402
@@ -106,7 +109,7 @@ def check_parity(problem: Problem, plan: TilePlan | None = None, shape_inputs=No
     if shape_grad is not None:
         grad = shape_grad(grad)
     spec, dtype = problem.device_spec, problem.dtype
-    ours = _with_grads(lambda a, b, c: _AttentionFunction.apply(a, b, c, spec, plan), q, k, v, grad)
+    ours = _with_grads(lambda a, b, c: attention_with_plan(a, b, c, spec, plan), q, k, v, grad)
     ref = _with_grads(lambda a, b, c: reference_attention(a, b, c, spec), q, k, v, grad)
     exact_out, exact_lse = attention_oracle(q, k, v, spec)
     exact = (exact_out, *attention_oracle_grads(q, k, v, spec, grad))
@@ -408,13 +411,13 @@ def _launch_spy(monkeypatch) -> list:
     """Records the attention kernels launched through the keyed path (`_launch_bound`); recorded launches
     skip it."""
     keyed = []
-    real = kernel_module._launch_bound
+    real = launcher_module._launch_bound
 
     def spy(kernel, grid, *args, **kwargs):
         keyed.append(kernel.fn.__name__)
         return real(kernel, grid, *args, **kwargs)
 
-    monkeypatch.setattr(kernel_module, "_launch_bound", spy)
+    monkeypatch.setattr(launcher_module, "_launch_bound", spy)
     return keyed
 
 
@@ -448,7 +451,7 @@ def test_a_repeated_dense_call_reuses_its_launches_on_the_new_tensors(monkeypatc
     """As above for a dense spec, whose three kernels read their tiles through TMA descriptors: the
     recorded launches must build them on the second call's tensors, not reuse the first call's."""
     keyed = _launch_spy(monkeypatch)
-    monkeypatch.setattr(kernel_module, "_RECORDED", {})
+    monkeypatch.setattr(recorded_module, "_RECORDED", {})
     shapes = dict(batch=2, q_heads=4, kv_heads=2, q_len=LONG - 5, kv_len=LONG, head_dim=64, layout="bshd")
     first, second = (Problem(seed=31 + i, spec=AttentionSpec(causal=True), **shapes) for i in range(2))
     check_parity(first)
@@ -463,7 +466,7 @@ def test_a_dense_backward_copies_a_gradient_tma_cannot_read(monkeypatch, layout)
     """out.sum()'s gradient is a broadcast (zero strides), and a view can start off a 16-byte boundary:
     TMA can read neither, so the dense backward copies such a gradient and still runs its own kernels."""
     keyed = _launch_spy(monkeypatch)
-    monkeypatch.setattr(kernel_module, "_RECORDED", {})
+    monkeypatch.setattr(recorded_module, "_RECORDED", {})
 
     def reshape(grad):
         if layout == "broadcast":
@@ -482,8 +485,8 @@ def test_a_dense_backward_copies_a_gradient_tma_cannot_read(monkeypatch, layout)
 def test_both_tile_orders_cover_every_query_tile(monkeypatch, by_head):
     """A GPU picks _tile_order's order by grid size; either must visit every (head, query tile) once, in
     the forward and dQ, dense and general (key padding takes the general kernels)."""
-    monkeypatch.setattr(kernel_module, "_by_head", lambda *args: by_head)
-    monkeypatch.setattr(kernel_module, "_RECORDED", {})  # a recorded launch would keep the other order
+    monkeypatch.setattr(launcher_module, "_by_head", lambda *args: by_head)
+    monkeypatch.setattr(recorded_module, "_RECORDED", {})  # a recorded launch would keep the other order
     length = LONG + 7
     padding = torch.ones(2, length, dtype=torch.bool)
     padding[1, :5] = False
@@ -494,8 +497,6 @@ def test_both_tile_orders_cover_every_query_tile(monkeypatch, by_head):
 
 def test_only_dense_specs_on_tma_readable_tensors_take_the_dense_kernel():
     """The dense forward has no mask structure: anything beyond causal or full must take the general one."""
-    from optimized.kernels.attention import uses_dense_kernel
-
     dtype = DTYPES[-1]
     q = torch.randn(1, 4, 40, 64, device=DEVICE, dtype=dtype)
     kv = torch.randn(1, 2, 48, 64, device=DEVICE, dtype=dtype)
@@ -511,7 +512,7 @@ def test_only_dense_specs_on_tma_readable_tensors_take_the_dense_kernel():
     unaligned = torch.randn(4 * 40 * 64 + 1, device=DEVICE, dtype=dtype)[1:].view(1, 4, 40, 64)
     assert not uses_dense_kernel(unaligned, kv, kv, AttentionSpec(causal=True))
     causal = AttentionSpec(causal=True)
-    assert kernel_module.uses_dense_backward(q, kv, kv, torch.randn_like(q), causal)
-    assert not kernel_module.uses_dense_backward(q, kv, kv, unaligned, causal)
-    assert not kernel_module.uses_dense_backward(q, kv, kv, q[:, :, :1].expand_as(q), causal)  # zero stride
-    assert not kernel_module.uses_dense_backward(q, kv, kv, q, AttentionSpec(causal=True, window=8))
+    assert uses_dense_backward(q, kv, kv, torch.randn_like(q), causal)
+    assert not uses_dense_backward(q, kv, kv, unaligned, causal)
+    assert not uses_dense_backward(q, kv, kv, q[:, :, :1].expand_as(q), causal)  # zero stride
+    assert not uses_dense_backward(q, kv, kv, q, AttentionSpec(causal=True, window=8))

@@ -25,7 +25,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from optimized.kernels import attention as kernels
+from optimized.kernels import attention
+from optimized.kernels.attention import launchers, lowering
 from reference.ops.attention import AttentionSpec
 
 H100 = GPUTarget("cuda", 90, 128)
@@ -54,18 +55,19 @@ def _signature(kernel, args, kwargs) -> tuple[dict, dict]:
 
 def _calls(dtype: torch.dtype, head_dim: int) -> dict:
     """The three kernels' launches for a causal call in `dtype` at `head_dim`, on the GPU plan, not run
-    (the dense kernels where uses_dense_kernel says so)."""
+    (the dense kernels where the call's route says so)."""
     calls = {}
-    kernels._launch_bound = lambda kernel, grid, *a, **kw: calls.setdefault(kernel, (a, kw))  # a child process
+    launchers._launch_bound = lambda kernel, grid, *a, **kw: calls.setdefault(kernel, (a, kw))  # a child process
     q = torch.randn(1, 2, 64, head_dim, dtype=dtype)
     spec = AttentionSpec(causal=True)
-    dense = kernels.uses_dense_kernel(q, q, q, spec)
-    plan = kernels.default_plan(head_dim, torch.device("cuda"), spec, 64, dtype, dense)
-    low = kernels._lower(spec, 1, 64, q.device)
+    route = attention.route(q, q, q, spec)
+    plan = attention.default_plan(head_dim, torch.device("cuda"), spec, 64, dtype, route.forward_dense)
+    low = lowering._lower(spec, 1, 64, q.device)
     lse = torch.zeros(1, 2, 64)
-    kernels._launch_forward(q, q, q, spec, low, plan.fwd)
-    kernels._launch_dq(q, q, q, q, q, lse, spec, low, plan.dq)
-    kernels._launch_dkdv(q, q, q, q, lse, lse, spec, low, plan.dkdv)
+    launchers._launch_forward(q, q, q, spec, low, plan.fwd, route)
+    route = route.for_backward(q, q)
+    launchers._launch_dq(q, q, q, q, q, lse, spec, low, plan.dq, route)
+    launchers._launch_dkdv(q, q, q, q, lse, lse, spec, low, plan.dkdv, route)
     return calls
 
 

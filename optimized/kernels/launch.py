@@ -18,6 +18,11 @@ _CONTEXTS = threading.local()  # .devices: the devices whose CUDA context this t
 Relaunch = Callable[..., None]  # relaunch(*leading_tensors): the same launch on other tensors (launch_bound)
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for grid sizes: triton.cdiv is a JIT function, microseconds a call from Python."""
+    return -(-a // b)
+
+
 def launch(kernel, grid: tuple, *args, **kwargs) -> None:
     """kernel[grid](*args, **kwargs), launching the compiled kernel directly on later identical calls.
 

@@ -1,4 +1,4 @@
-"""The attention spec and its plain-PyTorch implementation: the twin of `optimized/kernels/attention.py`.
+"""The attention spec and its plain-PyTorch implementation: the twin of `optimized/kernels/attention/`.
 
 Every attention the five families compute is one `AttentionSpec`: which (query, key) pairs attend is
 described by structure (causal, window, padding, segments, spans), never by an S x S tensor, so a kernel
