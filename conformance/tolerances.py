@@ -136,6 +136,6 @@ def audit_grew(error: float, baseline_error: float, yardstick_error: float, max_
 # Data-parallel fine-tuning: the LoRA weights after 2 SGD steps (lr 0.5) of conformance.train_steps on 2
 # gloo ranks against one process over the same global batch of 4, fp32 on the CPU. Only summation order
 # differs (each rank's half-batch matmuls, then a 2-way all-reduce): measured 2.4e-8 on weights of |max|
-# 0.125 (qwen2_vl, torch 2.14). Gradients all-reduced in bf16 measure 1.5e-3, a rank that skips the
-# all-reduce ~1e-2: both far past this bound.
+# 0.125 (qwen2_vl, torch 2.14). Ranks that skip the all-reduce measure 1.5e-3 (as did fastvision before
+# it undid TRL's bf16 cast of the adapters ahead of DDP's wrap): far past this bound.
 DDP_LORA_ATOL = 1e-6

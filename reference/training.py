@@ -107,9 +107,10 @@ def adapters_to_fp32(adapter_weights) -> list[torch.Tensor]:
 
     Called twice: by the Trainer's checkpointing call in train(), which comes before the Trainer wraps the
     model in DDP, and at the first forward. DDP builds its gradient buckets in the dtype the weights have
-    when it wraps them; cast back only at the first forward, the LoRA gradients were all-reduced in bf16
-    (2^-8 relative): after 2 SGD steps of conformance.train_steps on 2 CPU ranks the LoRA weights then
-    differed from one process's by 1.5e-3, and by 2.4e-8 with this cast."""
+    when it wraps them; cast back only at the first forward, the fp32 LoRA gradients met bf16 buckets and
+    were not averaged at all: after 2 SGD steps of conformance.train_steps on 2 CPU ranks the LoRA weights
+    came out bit-identical to those of ranks that skip the all-reduce (tests/broken_backends/
+    ddp_skips_allreduce), 1.5e-3 from one process's; 2.4e-8 with this cast."""
     cast = [p for p in adapter_weights if p.dtype != torch.float32]
     for parameter in cast:
         parameter.data = parameter.data.float()
