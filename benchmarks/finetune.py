@@ -19,6 +19,12 @@ Each contender runs in a process of its own (Unsloth patches transformers when i
     python benchmarks/finetune.py --bits 16          # the 16-bit LoRA variant
     python benchmarks/finetune.py --smoke            # CPU plumbing check: 1 layer, short text, 1 step
     python benchmarks/finetune.py --profile DIR      # also top GPU kernels: DIR/<family>-<contender>-<bits>bit.txt
+    python benchmarks/finetune.py --gpus 8 --contenders optimized   # tokens/s on 1 and on 8 GPUs (DDP)
+
+--gpus N also runs each fastvision contender's worker under torchrun with N processes, data-parallel: each
+rank loads its own copy on its own GPU (from_pretrained derives device_map from LOCAL_RANK), wraps it in
+DDP and steps on its own copy of the batch, so a step trains N x the tokens; reported per contender:
+tokens/s on 1 and N GPUs and their ratio (the scaling; N is ideal).
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ LORA = {"r": 16, "lora_alpha": 16, "lora_dropout": 0.0}
 LANGUAGE_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LEARNING_RATE = 2e-4
 WORKER_TIMEOUT_S = 900
+SCALED = ("optimized", "reference")  # the contenders --gpus N also runs data-parallel
 
 
 # ------------------------------------------------------------------------------------- the contenders
@@ -123,7 +130,7 @@ def load(contender: str, model_dir: str, bits: int):
 def time_steps(model, batch, warmup: int, steps: int, profile: str | None = None) -> dict:
     import torch
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=LEARNING_RATE)
@@ -162,13 +169,32 @@ def worker(args) -> int:
             import unsloth  # noqa: F401 - before torch and transformers
         import torch
 
+        world = _join_ranks()
         batch = torch.load(args.batch_file, weights_only=True)
         model = load(args.contender, args.model_dir, args.bits)
+        if world > 1:
+            local = int(os.environ["LOCAL_RANK"])
+            model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local] if torch.cuda.is_available()
+                                                              else None)  # fmt: skip
         result = time_steps(model, batch, args.warmup, args.steps, args.profile)
+        result.update(gpus=world, tokens_per_s=round(result["tokens_per_s"] * world, 1))  # a batch per rank
     except Exception as error:  # noqa: BLE001 - a contender that cannot run is reported, not fatal
         result = {"error": f"{type(error).__name__}: {str(error)[:400]}"}
-    print("RESULT " + json.dumps(result), flush=True)
+    if os.environ.get("RANK", "0") == "0":
+        print("RESULT " + json.dumps(result), flush=True)
     return 0
+
+
+def _join_ranks() -> int:
+    """The world size; under torchrun, this rank joined to the others (NCCL on GPUs, gloo on the CPU)."""
+    import torch
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # median_step's synchronize and peak memory
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return world
 
 
 # ------------------------------------------------------------------------------------- the orchestra
@@ -187,9 +213,14 @@ def prepare(family: str, directory: pathlib.Path, args) -> tuple[pathlib.Path, p
     return model_dir, batch_file
 
 
-def run_contender(family: str, contender: str, model_dir, batch_file, args) -> dict:
-    command = [
+def worker_command(contender: str, model_dir, batch_file, args, gpus: int = 1,
+                   profile: str | None = None) -> list[str]:  # fmt: skip
+    """The worker's command line: this file in one process, or under torchrun with `gpus` processes;
+    `profile`: the file its top GPU kernels go to."""
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}"] if gpus > 1 else []
+    return [
         sys.executable,
+        *launcher,
         __file__,
         "--worker",
         contender,
@@ -203,14 +234,20 @@ def run_contender(family: str, contender: str, model_dir, batch_file, args) -> d
         str(args.warmup),
         "--steps",
         str(args.steps),
+        *(["--profile", profile] if profile else []),
     ]
-    if args.profile:
-        command += ["--profile", str(pathlib.Path(args.profile, f"{family}-{contender}-{args.bits}bit.txt"))]
+
+
+def run_contender(family: str, contender: str, model_dir, batch_file, args, gpus: int = 1) -> dict:
+    profile = str(pathlib.Path(args.profile, f"{family}-{contender}-{args.bits}bit.txt")) \
+        if args.profile and gpus == 1 else None  # fmt: skip
+    command = worker_command(contender, model_dir, batch_file, args, gpus, profile)
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
         "HF_HUB_OFFLINE": "1",
         "UNSLOTH_DISABLE_STATISTICS": "1",
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),  # N ranks on one host share its cores
     }
     start = time.perf_counter()
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=WORKER_TIMEOUT_S)
@@ -237,13 +274,27 @@ def run(args) -> dict:
                 }
                 rows.append(row)
                 print(json.dumps(row), flush=True)
+                if args.gpus > 1 and contender in SCALED:
+                    rows.append(scaled_row(row, run_contender(family, contender, model_dir, batch_file, args,
+                                                               args.gpus)))
+                    print(json.dumps(rows[-1]), flush=True)
     return {
         "device": model_bench.card(),
         "versions": {**model_bench.versions(), **_peer_versions()},
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "rows": rows,
-        "setup": {**model_bench.setup(args), "bits": args.bits, "lora": LORA, "learning_rate": LEARNING_RATE},
+        "setup": {**model_bench.setup(args), "bits": args.bits, "gpus": args.gpus, "lora": LORA,
+                  "learning_rate": LEARNING_RATE},
     }
+
+
+def scaled_row(one: dict, many: dict) -> dict:
+    """The N-GPU row of a contender: its result, and tokens/s against the 1-GPU row's (N is ideal)."""
+    row = {**{k: one[k] for k in ("family", "contender", "bits")}, **many}
+    row["contender"] = f"{one['contender']} x{many.get('gpus', '?')}"
+    ok = "error" not in one and "error" not in many
+    row["scaling"] = round(many["tokens_per_s"] / one["tokens_per_s"], 2) if ok else None
+    return row
 
 
 def _peer_versions() -> dict:
@@ -275,6 +326,7 @@ def markdown(result: dict) -> str:
         if "error" in row:
             lines.append(f"| {row['family']} | {row['contender']} | did not run: {row['error'][:160]} ||||||||")
             continue
+        scaling = f" ({row['scaling']}x the tokens/s of 1 GPU)" if row.get("scaling") else ""
         ratios = []
         for peer in ("unsloth", "transformers"):
             base = by_key.get((row["family"], peer))
@@ -285,7 +337,7 @@ def markdown(result: dict) -> str:
                 else "-"
             )
         lines.append(
-            f"| {row['family']} | {row['contender']} | {row['step_ms']} | {row['tokens_per_s']} | "
+            f"| {row['family']} | {row['contender']}{scaling} | {row['step_ms']} | {row['tokens_per_s']} | "
             f"{row['peak_gib']} | {ratios[0]} | {ratios[1]} | {row['lora_parameters']:,} | {row['first_loss']} |"
         )
     return "\n".join(lines) + "\n"
@@ -307,6 +359,8 @@ def main(argv=None) -> int:
     parser.add_argument("--smoke", action="store_true", help="CPU plumbing check: 1 layer, short text, 1 step")
     parser.add_argument("--profile", metavar="DIR", help="write each contender's top GPU kernels to DIR (a worker: "
                         "the file)")  # fmt: skip
+    parser.add_argument("--gpus", type=int, default=1, help="also run optimized and reference data-parallel on "
+                        "this many GPUs under torchrun (gloo ranks on the CPU) and report the scaling")  # fmt: skip
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--batch-file", default=None, help=argparse.SUPPRESS)

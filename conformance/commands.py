@@ -36,6 +36,19 @@ def print_plan(model) -> None:
     print("  totals: " + ", ".join(f"{kind} {n}" for kind, n in sorted(counts.items())))
 
 
+def print_placement(model) -> None:
+    placement = getattr(model, "device_placement", None)
+    if placement is None:  # a backend that does not record it
+        return
+    rows = [("module", "device", "part"), *((m or "(whole model)", d, p) for m, d, p in placement.table())]
+    width = max(len(row[0]) for row in rows)
+    print("placement (accelerate's device map):")
+    for module, device, part in rows:
+        print(f"  {module.ljust(width)}  {device.ljust(6)}  {part}")
+    for note in placement.notes:
+        print(f"  note: {note}")
+
+
 def print_memory(model) -> None:
     footprint = model.get_memory_footprint()
     devices = sorted({str(p.device) for p in model.parameters()})
@@ -102,6 +115,7 @@ def inspect_model(args) -> int:
         f"text {family.text_attention_class}"
     )
     print_plan(model)
+    print_placement(model)
     if args.lora:
         with _step("get_peft_model", timings):
             model = importlib.import_module(args.backend).FastVisionModel.get_peft_model(model)

@@ -140,3 +140,10 @@ def audit_grew(error: float, baseline_error: float, yardstick_error: float, max_
     transformers' own error in the same run (under that, a change is rounding and summation order, which
     move with library versions, not a regression)."""
     return error > max_growth * baseline_error and error > KERNEL_ERROR_FACTOR * yardstick_error
+
+# Data-parallel fine-tuning: the LoRA weights after 2 SGD steps (lr 0.5) of conformance.train_steps on 2
+# gloo ranks against one process over the same global batch of 4, fp32 on the CPU. Only summation order
+# differs (each rank's half-batch matmuls, then a 2-way all-reduce): measured 2.4e-8 on weights of |max|
+# 0.125 (qwen2_vl, torch 2.14). Ranks that skip the all-reduce measure 1.5e-3 (as did fastvision before
+# it undid TRL's bf16 cast of the adapters ahead of DDP's wrap): far past this bound.
+DDP_LORA_ATOL = 1e-6

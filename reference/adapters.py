@@ -116,24 +116,32 @@ def _ready(peft_model, plan: lora.LoraPlan):
     _train_only_adapters(peft_model)
     adapter_weights = [p for n, p in peft_model.named_parameters() if p.requires_grad and "lora_" in n]
     peft_model.register_forward_pre_hook(functools.partial(_adapters_in_fp32, adapter_weights))
+    _buffers_not_broadcast(peft_model)
     peft_model.lora_plan = plan
     peft_model.save_pretrained_merged = weakly_bound(merging.save_pretrained_merged, peft_model)
     return peft_model
+
+
+def _buffers_not_broadcast(peft_model) -> None:
+    """DDP leaves these buffers alone (torch's own ignore list, read when a Trainer or accelerate wraps the
+    model). With broadcast_buffers=True, its default, DDP sends rank 0's buffers to every rank before every
+    forward. A VLM's buffers are tables computed from the config at load (the rotary inv_freq and
+    original_inv_freq, 2 per rotary module: 4 in Qwen2-VL), the same on every rank, never running
+    statistics, so the broadcast would be one collective per buffer per step for nothing."""
+    names = [name for name, _ in peft_model.named_buffers()]
+    torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(peft_model, names)
 
 
 def _adapters_in_fp32(adapter_weights: list, _model, _args) -> None:
     """TRL's SFTTrainer casts the adapters of a 4-bit model to bf16 in its constructor (following the QLoRA
     paper); fastvision trains them in fp32 (docs/contract.md), so the first forward after such a cast, before
     any optimizer state exists, casts them back, and says so once."""
-    cast = [p for p in adapter_weights if p.dtype != torch.float32]
-    if not cast:
-        return
-    _say_once(
-        f"fastvision: LoRA weights had been cast to {cast[0].dtype} (TRL's SFTTrainer does this for 4-bit "
-        "models); they train in float32."
-    )
-    for parameter in cast:
-        parameter.data = parameter.data.float()
+    dtypes = {p.dtype for p in adapter_weights} - {torch.float32}
+    if training.adapters_to_fp32(adapter_weights):
+        _say_once(
+            f"fastvision: LoRA weights had been cast to {dtypes.pop()} (TRL's SFTTrainer does this for 4-bit "
+            "models); they train in float32."
+        )
 
 
 @contextlib.contextmanager

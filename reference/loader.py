@@ -19,7 +19,7 @@ import torch
 from accelerate import init_empty_weights
 from transformers import AutoConfig, BitsAndBytesConfig
 
-from reference import checkpoint, merging, naming, quantization, training
+from reference import checkpoint, merging, naming, placement, quantization, training
 from reference.contract import LoadRequest, mode_of_quantization_config
 from reference.errors import (
     ArgumentTypeError,
@@ -64,6 +64,7 @@ class LoadDecision:
     expected_plan: quantization.QuantPlan | None  # fastvision's own plan, checked against the loaded modules
     adapter: Path | None = None  # a saved LoRA adapter directory to attach to the base once it is loaded
     notes: tuple[str, ...] = ()  # what the user should know about the decision, carried onto the plan
+    placement_notes: tuple[str, ...] = ()  # what placement.decide decided, also on model.device_placement
 
 
 def load(request: LoadRequest, backend: Backend):
@@ -103,11 +104,16 @@ def _prepare(request: LoadRequest) -> LoadDecision:
     expected = None
     if source == "fastvision":
         expected = quantization.expected_plan(skeleton, family, mode, dtype, request.quantize_vision)
-    notes = tuple(dict.fromkeys(n for n in (model.note, processor_source.note) if n))
+    device_map, placed = placement.decide(
+        request.device_map, on_gpu=on_gpu, max_memory=request.kwargs.get("max_memory"), skeleton=skeleton,
+        family=family, mode=mode, dtype=dtype, plan=expected,
+    )  # fmt: skip
+    placement.check_offload(device_map, mode, request.kwargs.get("offload_folder"))
+    notes = tuple(dict.fromkeys(n for n in (model.note, processor_source.note, *placed) if n))
     return LoadDecision(
         request=request, mode=mode, plan_source=source, dtype=dtype, checkpointing=request.checkpointing_mode,
         hub_kwargs=hub, model=model, processor_source=processor_source, config=config, family=family,
-        device_map=request.device_map if on_gpu else "cpu",
+        device_map=device_map, placement_notes=placed,
         quantization_config=_quantization_config(request, mode, source, family, dtype), expected_plan=expected,
         adapter=adapter, notes=notes,
     )  # fmt: skip
@@ -326,6 +332,7 @@ def _finish(model, decision: LoadDecision, backend: Backend, processor) -> None:
         training.offload_embedding(model, tied=_embedding_tied(model))
     _set_max_seq_length(model, request.max_seq_length)
     model.quantization_plan = dataclasses.replace(plan, notes=decision.notes)
+    model.device_placement = placement.observed(model, family, decision.placement_notes)
     model.fastvision_backend = backend.name
     model.fastvision_family = family.name
     model.fastvision_dtype = decision.dtype

@@ -7,8 +7,6 @@ forward and back in the backward, so device memory for activations no longer gro
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import logging
 import warnings
 
@@ -20,60 +18,37 @@ from reference.instance_methods import weakly_bound
 logger = logging.getLogger("fastvision")
 
 
-class _OffloadedCheckpoint(torch.autograd.Function):
-    """Runs `function(*args)` without saving activations; keeps the tensor args on the CPU and replays
-    the function from them in the backward (reentrant style, so frozen weights and LoRA both work), under
-    the forward's random state and autocast (a Trainer's bf16/fp16 mixed precision wraps only the forward:
-    replayed outside it, a 16-bit activation would meet fp32 weights)."""
-
-    @staticmethod
-    def forward(ctx, function, *args):
-        ctx.function = function
-        ctx.devices = [a.device if torch.is_tensor(a) else None for a in args]
-        ctx.input_requires_grad = [torch.is_tensor(a) and a.requires_grad for a in args]
-        ctx.args = [_to_host(a) if torch.is_tensor(a) else a for a in args]
-        ctx.rng_state = torch.get_rng_state()
-        ctx.cuda_rng_state = torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None
-        ctx.autocast = [(d, torch.get_autocast_dtype(d)) for d in ("cpu", "cuda") if torch.is_autocast_enabled(d)]
-        with torch.no_grad():
-            return function(*args)
-
-    @staticmethod
-    def backward(ctx, *grad_outputs):
-        inputs = [
-            a.to(device, non_blocking=True).requires_grad_(rg) if torch.is_tensor(a) else a
-            for a, device, rg in zip(ctx.args, ctx.devices, ctx.input_requires_grad)
-        ]
-        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if ctx.cuda_rng_state is not None else []):
-            torch.set_rng_state(ctx.rng_state)  # dropout masks replay exactly
-            if ctx.cuda_rng_state is not None:
-                torch.cuda.set_rng_state(ctx.cuda_rng_state)
-            with torch.enable_grad(), contextlib.ExitStack() as autocast:
-                for device, dtype in ctx.autocast:
-                    autocast.enter_context(torch.autocast(device, dtype=dtype))
-                outputs = ctx.function(*inputs)
-        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-        pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if torch.is_tensor(o) and o.requires_grad]
-        if pairs:
-            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
-        return (
-            None,
-            *[a.grad if torch.is_tensor(a) and rg else None for a, rg in zip(inputs, ctx.input_requires_grad)],
-        )
-
-
 def _to_host(tensor: torch.Tensor) -> torch.Tensor:
     if tensor.device.type == "cpu":
-        return tensor.detach()
-    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        return tensor.detach()  # already in host memory: a copy would only double it
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=torch.cuda.is_available())
     return host.copy_(tensor.detach(), non_blocking=True)
 
 
+def _pack(tensor: torch.Tensor):
+    return tensor.device, _to_host(tensor)
+
+
+def _unpack(packed) -> torch.Tensor:
+    device, host = packed
+    return host.to(device, non_blocking=True)
+
+
 def offloaded_checkpoint(function, *args, **kwargs):
-    """A transformers `_gradient_checkpointing_func` whose saved layer inputs live in CPU memory."""
-    if kwargs:
-        function = functools.partial(function, **kwargs)
-    return _OffloadedCheckpoint.apply(function, *args)
+    """A transformers `_gradient_checkpointing_func` whose saved layer inputs live in CPU memory.
+
+    torch's non-reentrant checkpoint saves a layer's inputs through the saved-tensor hooks around it (the
+    tensors saved inside the layer go through checkpoint's own, innermost hooks and are recomputed), so
+    these hooks put exactly the layer inputs in host memory and bring them back for the recompute.
+    Non-reentrant because the forward then records a normal graph: DDP with find_unused_parameters=True
+    (transformers' Trainer's choice for a PEFT model unless checkpointing is in its args) walks that
+    graph to the LoRA weights; a reentrant checkpoint hides them under no_grad, and DDP marks them unused
+    and then fails with "Expected to mark a variable ready only once". torch's checkpoint also replays the
+    forward's RNG state (dropout) and autocast (a Trainer's bf16 wraps only the forward)."""
+    from torch.utils.checkpoint import checkpoint  # imported by transformers' checkpointing anyway
+
+    with torch.autograd.graph.saved_tensors_hooks(_pack, _unpack):
+        return checkpoint(function, *args, use_reentrant=False, **kwargs)
 
 
 # transformers >= 5.18 renamed the entry point; Trainer calls whichever the model's class defines.
@@ -120,9 +95,26 @@ def _keep_checkpointing(model: nn.Module, *args, **kwargs) -> None:
     """What a Trainer's call of the checkpointing entry point does to a fastvision model: the mode chosen
     at load (or by get_peft_model / for_training) again, whatever the Trainer's kwargs say."""
     mode = model.fastvision_checkpointing
+    adapters_to_fp32(p for name, p in model.named_parameters() if p.requires_grad and "lora_" in name)
     logger.info("fastvision: the trainer turned gradient checkpointing on; keeping use_gradient_checkpointing=%r "
                 "(its %s are not used)", mode, "arguments" if args or kwargs else "defaults")  # fmt: skip
     _apply_checkpointing(model, mode)
+
+
+def adapters_to_fp32(adapter_weights) -> list[torch.Tensor]:
+    """Undo TRL's bf16 cast of a 4-bit model's adapters (its SFTTrainer constructor does it, following the
+    QLoRA paper); fastvision trains them in fp32 (docs/contract.md). Returns the weights it cast.
+
+    Called twice: by the Trainer's checkpointing call in train(), which comes before the Trainer wraps the
+    model in DDP, and at the first forward. DDP builds its gradient buckets in the dtype the weights have
+    when it wraps them; cast back only at the first forward, the fp32 LoRA gradients met bf16 buckets and
+    were not averaged at all: after 2 SGD steps of conformance.train_steps on 2 CPU ranks the LoRA weights
+    came out bit-identical to those of ranks that skip the all-reduce (tests/broken_backends/
+    ddp_skips_allreduce), 1.5e-3 from one process's; 2.4e-8 with this cast."""
+    cast = [p for p in adapter_weights if p.dtype != torch.float32]
+    for parameter in cast:
+        parameter.data = parameter.data.float()
+    return cast
 
 
 def disable_checkpointing(model: nn.Module) -> None:

@@ -82,3 +82,10 @@ def test_help_and_version_need_no_torch():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.stdout.strip().endswith("[]"), done.stdout + done.stderr
     assert "fastvision" in done.stdout
+
+
+def test_inspect_prints_where_each_module_went(capsys):
+    assert cli.main(["inspect", str(zoo.checkpoint("qwen2_vl")), "--16bit"]) == 0
+    output = capsys.readouterr().out
+    assert "placement (accelerate's device map):" in output
+    assert "(whole model)  cpu     whole model" in output

@@ -1,11 +1,12 @@
 """The "unsloth" checkpointing function: the same gradients as no checkpointing, dropout replayed
-exactly, and the saved layer input held in host memory."""
+exactly, the saved layer input held in host memory, and a graph DDP can walk."""
 
 from __future__ import annotations
 
 import torch
 
-from reference.training import _OffloadedCheckpoint, offloaded_checkpoint
+from reference import training
+from reference.training import offloaded_checkpoint
 
 
 class Block(torch.nn.Module):
@@ -35,16 +36,36 @@ def test_offloaded_checkpoint_gives_the_gradients_of_no_checkpointing():
         assert torch.equal(a, b)  # same ops, same dropout mask: bit-identical
 
 
-def test_saved_layer_input_lives_in_host_memory():
-    seen = {}
+def test_saved_layer_input_is_packed_to_host_memory(monkeypatch):
+    packed, pack = [], training._pack
 
-    def spy(hidden):
-        seen.setdefault("forward", hidden)
-        return hidden * 2
+    def spy(tensor):
+        packed.append(tensor)
+        return pack(tensor)
 
-    hidden = torch.randn(2, 4, requires_grad=True)
-    out = _OffloadedCheckpoint.apply(spy, hidden)
-    saved = out.grad_fn.args[0]
-    assert saved.device.type == "cpu" and not saved.requires_grad
-    out.sum().backward()
-    assert torch.equal(hidden.grad, torch.full_like(hidden, 2.0))
+    monkeypatch.setattr(training, "_pack", spy)
+    block = Block()
+    hidden = torch.randn(2, 8, requires_grad=True)
+    offloaded_checkpoint(block.forward, hidden).sum().backward()
+    assert [tuple(t.shape) for t in packed] == [(2, 8)]  # the layer input only: the inside is recomputed
+    assert packed[0] is hidden and hidden.grad is not None
+
+
+def _reachable(grad_fn) -> set:
+    seen, todo = set(), [grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        todo.extend(next_fn for next_fn, _ in node.next_functions)
+    return {id(node.variable) for node in seen if hasattr(node, "variable")}
+
+
+def test_checkpointed_weights_are_reachable_from_the_output_graph():
+    """DDP with find_unused_parameters=True walks the output's graph to find the parameters a step uses; a
+    reentrant checkpoint runs the layer under no_grad, DDP marks its weights unused, and the backward then
+    fails ("Expected to mark a variable ready only once")."""
+    block = Block()
+    out = offloaded_checkpoint(block.forward, torch.randn(2, 8, requires_grad=True))
+    assert {id(block.linear.weight), id(block.linear.bias)} <= _reachable(out.grad_fn)

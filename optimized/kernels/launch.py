@@ -58,11 +58,19 @@ def launch_bound(kernel, grid: tuple, *args, **kwargs) -> Relaunch | None:
 
 
 def _run(kernel, grid: tuple, args: tuple, kwargs: dict):
-    """Launches; returns (a runner taking every argument positionally, the keyword values in order)."""
+    """Launches; returns (a runner taking every argument positionally, the keyword values in order).
+
+    On the device of the first tensor: Triton compiles for, and launches on the stream of, the *current*
+    device, so a kernel given tensors of cuda:1 while cuda:0 is current would run on cuda:0's stream with
+    cuda:1's addresses (an illegal address without peer access)."""
     if _INTERPRETED:  # the interpreter compiles nothing
         kernel[grid](*args, **kwargs)
         return kernel[grid], tuple(kwargs[name] for name in kernel.arg_names[len(args):])
-    key = (kernel, grid, _device(args[0]), *kwargs.items(), *map(_arg_key, args))
+    device = _device(args[0])
+    if device != torch.cuda.current_device():  # a layer placed on another GPU (device_map over several)
+        with torch.cuda.device(device):
+            return _run(kernel, grid, args, kwargs)
+    key = (kernel, grid, device, *kwargs.items(), *map(_arg_key, args))
     hit = _RUNNERS.get(key)
     if hit is None:
         hit = _RUNNERS[key] = _compile_and_run(kernel, grid, args, kwargs)

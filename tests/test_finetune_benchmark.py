@@ -1,0 +1,65 @@
+"""benchmarks/finetune.py --gpus N: the worker's command under torchrun, the scaling row, and the worker
+itself data-parallel on 2 gloo ranks over a tiny zoo checkpoint (the real-width benchmark needs a GPU)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from conformance import inputs, zoo
+
+ROOT = Path(__file__).resolve().parents[1]
+# Two ranks: imports, a 4-bit load each, 2 steps (~14 s here).
+TIMEOUT_S = 300
+
+
+def _finetune():
+    spec = importlib.util.spec_from_file_location("finetune_benchmark", ROOT / "benchmarks" / "finetune.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+ARGS = argparse.Namespace(bits=4, warmup=1, steps=1)
+# The data-parallel plumbing is the same for every fastvision contender; the reference backend imports no
+# Triton: 14 s for the two ranks here, 67 s with the optimized backend (its imports, on 2 busy cores).
+CONTENDER = "reference"
+
+
+def test_gpus_n_launches_the_worker_under_torchrun_with_n_processes():
+    finetune = _finetune()
+    one = finetune.worker_command("optimized", "MODEL", "BATCH", ARGS)
+    many = finetune.worker_command("optimized", "MODEL", "BATCH", ARGS, gpus=4)
+    assert one[:2] == [sys.executable, finetune.__file__] and "--worker" in one
+    assert many == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4", *one[1:]]
+
+
+def test_the_scaling_row_is_n_gpu_tokens_per_s_over_one_gpus():
+    finetune = _finetune()
+    one = {"family": "qwen2_vl", "contender": "optimized", "bits": 4, "tokens_per_s": 1000.0}
+    row = finetune.scaled_row(one, {"gpus": 8, "tokens_per_s": 7600.0, "step_ms": 10.0})
+    assert row["contender"] == "optimized x8" and row["scaling"] == 7.6 and row["family"] == "qwen2_vl"
+    assert finetune.scaled_row(one, {"error": "OutOfMemoryError"})["scaling"] is None
+
+
+def test_the_worker_steps_data_parallel_on_two_gloo_ranks(tmp_path):
+    from transformers import AutoProcessor
+
+    model_dir = zoo.checkpoint("qwen2_vl")
+    batch_file = tmp_path / "batch.pt"
+    torch.save(dict(inputs.image_batch(AutoProcessor.from_pretrained(model_dir))), batch_file)
+    command = _finetune().worker_command(CONTENDER, model_dir, batch_file, ARGS, gpus=2)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}  # fmt: skip
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    results = [json.loads(line[7:]) for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert done.returncode == 0 and len(results) == 1, (done.stdout + done.stderr)[-3000:]  # rank 0 reports
+    assert "error" not in results[0], results[0]
+    assert results[0]["gpus"] == 2 and results[0]["tokens_per_s"] > 0
