@@ -1,6 +1,7 @@
 """fastvision's optimized backend: the reference contract, served by Triton kernels."""
 
 from optimized.loader import OPTIMIZED
+from optimized.patches.fused_lora import use_peft_lora
 from reference.api import FastBaseModel as _ReferenceBase
 from reference.chat_templates import get_chat_template
 from reference.errors import CheckpointError, OfflineError
@@ -29,4 +30,5 @@ __all__ = [
     "UnslothVisionDataCollator",
     "get_chat_template",
     "is_bf16_supported",
+    "use_peft_lora",
 ]

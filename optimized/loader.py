@@ -8,7 +8,7 @@ import functools
 import weakref
 
 from optimized import ops
-from optimized.patches import fused_head, fused_layers, pixtral, qwen_vision
+from optimized.patches import fused_head, fused_layers, fused_lora, pixtral, qwen_vision
 from reference.families import FamilySpec
 from reference.hf_attention import register
 from reference.loader import Backend
@@ -28,6 +28,8 @@ def patch_model(model, family: FamilySpec) -> None:
     model_ref = weakref.ref(model)  # held weakly: the model holds this function (no reference cycle)
     undo.append(lambda: fused_layers.unpatch(model_ref(), fused))
     undo.append(lambda: fused_head.unpatch(model_ref(), head_fused))
+    fused_lora.patch(model)
+    undo.append(lambda: fused_lora.unpatch(model_ref()))
 
     def unpatch():
         for step in reversed(undo):

@@ -103,3 +103,10 @@ def linear_causal_lm_loss(hidden, weight, labels, vocab_size, num_items_in_batch
     return _on_kernel("linear_cross_entropy", "linear_causal_lm_loss", hidden, weight, labels, in_input_dtype=False,
                       vocab_size=vocab_size, num_items_in_batch=num_items_in_batch, ignore_index=ignore_index,
                       shift_labels=shift_labels, **kwargs)  # fmt: skip
+
+
+def lora_linear(x, weight, quant_state, bias, lora_A, lora_B, scaling):
+    """One LoRA projection (`reference/ops/lora_linear.py`); plain torch matmuls either way, so bf16 runs as
+    it is in the interpreter too."""
+    module = _kernel_module("lora_linear") if kernel_serves(x) else _reference_module("lora_linear")
+    return module.lora_linear(x, weight, quant_state, bias, lora_A, lora_B, scaling)

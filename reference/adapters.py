@@ -119,6 +119,9 @@ def _ready(peft_model, plan: lora.LoraPlan):
     _buffers_not_broadcast(peft_model)
     peft_model.lora_plan = plan
     peft_model.save_pretrained_merged = weakly_bound(merging.save_pretrained_merged, peft_model)
+    on_adapters = getattr(peft_model.get_base_model(), "fastvision_on_adapters", None)
+    if on_adapters is not None:  # a backend's own LoRA layers (the optimized one fuses each projection)
+        on_adapters(peft_model)
     return peft_model
 
 

@@ -209,3 +209,52 @@ def test_unpatching_gives_back_transformers_own_layers(fused_calls):
     assert "_loss_function" not in vars(model) and "forward" not in vars(model)
     _loss_and_grads(model, "llava", _batch(processor, model))
     assert fused_calls == dict.fromkeys(FUSED, 0)
+
+
+def _perturbed_adapters(family: str):
+    """An optimized model with LoRA whose B weights are drawn (zero at init: nothing to see), as the suite's
+    LoRA parity test draws them."""
+    from conformance.test_finetune import perturbed_adapter
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, processor, _ = perturbed_adapter(optimized, family, device, load_in_4bit=False, dtype=torch.float32)
+    return model, _batch(processor, model)
+
+
+def _lora_logits_and_grads(model, batch):
+    model.zero_grad(set_to_none=True)
+    logits = model(**batch).logits
+    logits[batch["attention_mask"].bool()].logsumexp(-1).mean().backward()
+    # Llava reads the vision tower's second-to-last layer: the last one's adapters get no gradient.
+    return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                             if "lora_" in n and p.grad is not None}  # fmt: skip
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava", "gemma3"])
+def test_lora_projections_run_as_one_op_each_and_match_peft_own_modules(monkeypatch, family):
+    calls = []
+    kernel = ops._kernel_module("lora_linear")
+    original = kernel.lora_linear
+    monkeypatch.setattr(kernel, "lora_linear", lambda *args: calls.append(1) or original(*args))
+    model, batch = _perturbed_adapters(family)
+    adapted = len(model.lora_plan.targets())
+    logits, grads = _lora_logits_and_grads(model, batch)
+    assert len(calls) == adapted, f"{family}: {len(calls)} fused LoRA calls for {adapted} adapted projections"
+    optimized.use_peft_lora(model)
+    assert not [n for n, m in model.named_modules() if "forward" in vars(m) and hasattr(m, "lora_A")]
+    want_logits, want_grads = _lora_logits_and_grads(model, batch)
+    assert len(calls) == adapted, "PEFT's own modules still ran the fused op"
+    valid = batch["attention_mask"].bool()
+    assert (logits - want_logits)[valid].abs().max() <= tolerances.MODEL_LOGITS_ATOL[torch.float32]
+    assert set(grads) == set(want_grads) and grads, "other LoRA weights got gradients than through PEFT's modules"
+    for name, want in want_grads.items():
+        assert (grads[name] - want).abs().max() <= tolerances.model_grads_bound(0.0, want, torch.float32), name
+
+
+def test_a_disabled_adapter_gives_the_base_model_through_peft(monkeypatch):
+    model, batch = _perturbed_adapters("llava")
+    with torch.no_grad(), model.disable_adapter():
+        disabled = model(**batch).logits
+    base, _ = _load(optimized, "llava")
+    with torch.no_grad():
+        assert (disabled - base(**batch).logits).abs().max() <= tolerances.MODEL_LOGITS_ATOL[torch.float32]

@@ -1,0 +1,79 @@
+"""PEFT's LoRA projections as one op each (`optimized/kernels/lora_linear.py`), set per instance when
+adapters are attached.
+
+fastvision's get_peft_model (and an adapter reload) attaches adapters through PEFT as usual, then calls the
+`fastvision_on_adapters` hook this patch sets on the model at load. Each `lora.Linear` / `lora.bnb.Linear4bit`
+that fits -- vanilla LoRA, no dropout, no DoRA or LoRA bias, a bias-free adapter pair, a plain or 4-bit
+base -- gets an instance `forward` that runs the fused op while exactly one adapter is active and none is
+merged or disabled; any other call (PEFT's `disable_adapter()` context, several adapters, `adapter_names`)
+is PEFT's own forward. `use_peft_lora(model)` takes the fused forwards off: PEFT's modules exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from optimized import ops
+from reference.instance_methods import weakly_bound
+
+
+def _base_tensors(base):
+    """(weight, quant_state) of a base layer the op reads, or None for one it does not."""
+    quant_state = getattr(base.weight, "quant_state", None)
+    if type(base) is torch.nn.Linear:
+        return base.weight, None
+    if type(base).__name__ == "Linear4bit" and quant_state is not None:
+        return base.weight, quant_state
+    return None
+
+
+def fits(module) -> bool:
+    """A PEFT LoRA linear whose every adapter is vanilla LoRA the op computes exactly."""
+    if not hasattr(module, "lora_A") or not hasattr(module, "get_base_layer"):
+        return False
+    if getattr(module, "fan_in_fan_out", False) or _base_tensors(module.get_base_layer()) is None:
+        return False
+    for name in module.lora_A:
+        pair = (module.lora_A[name], module.lora_B[name])
+        if any(type(layer) is not torch.nn.Linear or layer.bias is not None for layer in pair):
+            return False
+        if not isinstance(module.lora_dropout[name], torch.nn.Identity) or name in getattr(module, "lora_variant", {}):
+            return False
+    return not getattr(module, "lora_bias", {}) or not any(module.lora_bias.values())
+
+
+def _fused_forward(module, x, *args, **kwargs):
+    active = [name for name in module.active_adapters if name in module.lora_A]
+    if args or kwargs or module.disable_adapters or module.merged or len(active) != 1:
+        return type(module).forward(module, x, *args, **kwargs)
+    base = module.get_base_layer()
+    weight, quant_state = _base_tensors(base)
+    name = active[0]
+    return ops.lora_linear(x, weight, quant_state, base.bias, module.lora_A[name].weight, module.lora_B[name].weight,
+                           module.scaling[name])  # fmt: skip
+
+
+def _on_adapters(model, peft_model) -> None:
+    for module in peft_model.modules():
+        if fits(module):
+            module.forward = weakly_bound(_fused_forward, module)
+
+
+def patch(model) -> None:
+    model.fastvision_on_adapters = weakly_bound(_on_adapters, model)
+
+
+def use_peft_lora(model) -> None:
+    """PEFT's own LoRA modules from now on: the fused forwards taken off, none set by later adapters."""
+    for module in model.modules():
+        if "forward" in vars(module) and getattr(vars(module)["forward"], "__name__", "") == "_fused_forward":
+            del module.forward
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    vars(base).pop("fastvision_on_adapters", None)
+
+
+def unpatch(model) -> None:
+    use_peft_lora(model)
+
+
+__all__ = ["fits", "patch", "unpatch", "use_peft_lora"]
