@@ -258,3 +258,20 @@ def test_a_disabled_adapter_gives_the_base_model_through_peft(monkeypatch):
     base, _ = _load(optimized, "llava")
     with torch.no_grad():
         assert (disabled - base(**batch).logits).abs().max() <= tolerances.MODEL_LOGITS_ATOL[torch.float32]
+
+
+def test_a_trained_base_bias_gets_its_gradient_as_through_peft_modules():
+    """bias="all" trains the biases of the adapted projections (CLIP's, in Llava's vision tower): the fused op
+    gives a frozen base no gradient, so those projections must run PEFT's own forward."""
+    model, processor = _load(optimized, "llava")
+    model = optimized.FastVisionModel.get_peft_model(model, bias="all")
+    batch = _batch(processor, model)
+
+    def biases_with_gradients():
+        model.zero_grad(set_to_none=True)
+        model(**batch).logits[batch["attention_mask"].bool()].logsumexp(-1).mean().backward()
+        return {n for n, p in model.named_parameters() if n.endswith("base_layer.bias") and p.grad is not None}
+
+    got = biases_with_gradients()
+    optimized.use_peft_lora(model)
+    assert got and got == biases_with_gradients()

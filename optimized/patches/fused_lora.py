@@ -4,8 +4,9 @@ adapters are attached.
 fastvision's get_peft_model (and an adapter reload) attaches adapters through PEFT as usual, then calls the
 `fastvision_on_adapters` hook this patch sets on the model at load. Each `lora.Linear` / `lora.bnb.Linear4bit`
 that fits -- vanilla LoRA, no dropout, no DoRA or LoRA bias, a bias-free adapter pair, a plain or 4-bit
-base -- gets an instance `forward` that runs the fused op while exactly one adapter is active and none is
-merged or disabled; any other call (PEFT's `disable_adapter()` context, several adapters, `adapter_names`)
+base -- gets an instance `forward` that runs the fused op while exactly one adapter is active, none is
+merged or disabled, and the base is frozen (the op gives it no gradient). Any other call -- PEFT's
+`disable_adapter()` context, several adapters, `adapter_names`, a base bias that trains (`bias="all"`) --
 is PEFT's own forward. `use_peft_lora(model)` takes the fused forwards off: PEFT's modules exactly.
 """
 
@@ -44,9 +45,10 @@ def fits(module) -> bool:
 
 def _fused_forward(module, x, *args, **kwargs):
     active = [name for name in module.active_adapters if name in module.lora_A]
-    if args or kwargs or module.disable_adapters or module.merged or len(active) != 1:
-        return type(module).forward(module, x, *args, **kwargs)
     base = module.get_base_layer()
+    base_trains = any(p is not None and p.requires_grad for p in (base.weight, base.bias))  # e.g. bias="all"
+    if args or kwargs or module.disable_adapters or module.merged or len(active) != 1 or base_trains:
+        return type(module).forward(module, x, *args, **kwargs)
     weight, quant_state = _base_tensors(base)
     name = active[0]
     return ops.lora_linear(x, weight, quant_state, base.bias, module.lora_A[name].weight, module.lora_B[name].weight,
