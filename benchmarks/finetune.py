@@ -175,7 +175,7 @@ def worker(args) -> int:
         if world > 1:
             local = int(os.environ["LOCAL_RANK"])
             model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local] if torch.cuda.is_available()
-                                                              else None)  # fmt: skip
+                                                              else None)
         result = time_steps(model, batch, args.warmup, args.steps, args.profile)
         result.update(gpus=world, tokens_per_s=round(result["tokens_per_s"] * world, 1))  # a batch per rank
     except Exception as error:  # noqa: BLE001 - a contender that cannot run is reported, not fatal
@@ -214,7 +214,7 @@ def prepare(family: str, directory: pathlib.Path, args) -> tuple[pathlib.Path, p
 
 
 def worker_command(contender: str, model_dir, batch_file, args, gpus: int = 1,
-                   profile: str | None = None) -> list[str]:  # fmt: skip
+                   profile: str | None = None) -> list[str]:
     """The worker's command line: this file in one process, or under torchrun with `gpus` processes;
     `profile`: the file its top GPU kernels go to."""
     launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}"] if gpus > 1 else []
@@ -240,7 +240,7 @@ def worker_command(contender: str, model_dir, batch_file, args, gpus: int = 1,
 
 def run_contender(family: str, contender: str, model_dir, batch_file, args, gpus: int = 1) -> dict:
     profile = str(pathlib.Path(args.profile, f"{family}-{contender}-{args.bits}bit.txt")) \
-        if args.profile and gpus == 1 else None  # fmt: skip
+        if args.profile and gpus == 1 else None
     command = worker_command(contender, model_dir, batch_file, args, gpus, profile)
     env = {
         **os.environ,
@@ -358,9 +358,9 @@ def main(argv=None) -> int:
     parser.add_argument("--suffix", default="", help="appended to the result file names")
     parser.add_argument("--smoke", action="store_true", help="CPU plumbing check: 1 layer, short text, 1 step")
     parser.add_argument("--profile", metavar="DIR", help="write each contender's top GPU kernels to DIR (a worker: "
-                        "the file)")  # fmt: skip
+                        "the file)")
     parser.add_argument("--gpus", type=int, default=1, help="also run optimized and reference data-parallel on "
-                        "this many GPUs under torchrun (gloo ranks on the CPU) and report the scaling")  # fmt: skip
+                        "this many GPUs under torchrun (gloo ranks on the CPU) and report the scaling")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--batch-file", default=None, help=argparse.SUPPRESS)

@@ -131,7 +131,7 @@ def expect_error(
         check(name in seen.message, f"{seen.type_name} message does not name {name!r}: {seen.message!r}", repro=repro)
     if value is not dataclasses.MISSING:
         check(_names_value(seen.message, value),
-              f"{seen.type_name} message does not show the value {value!r}: {seen.message!r}", repro=repro)  # fmt: skip
+              f"{seen.type_name} message does not show the value {value!r}: {seen.message!r}", repro=repro)
     if class_name is not None:
         check(class_name in seen.class_names, f"raised {seen.type_name}, expected a {class_name}", repro=repro)
     return seen
@@ -178,7 +178,7 @@ def recording_warnings():
 
 def check_warned(recorded: Recorded, *names: str, repro: str) -> None:
     check(recorded.naming(*names), f"no warning naming {' and '.join(names)}; warnings seen: {recorded.messages}",
-          repro=repro)  # fmt: skip
+          repro=repro)
 
 
 # ------------------------------------------------------------------------------------- leftovers

@@ -64,7 +64,7 @@ def demo(args) -> int:
         from conformance import train_demo
 
         result = train_demo.run(args.backend, args.family, steps=args.steps, out_dir=args.out,
-                                max_new_tokens=args.max_new_tokens)  # fmt: skip
+                                max_new_tokens=args.max_new_tokens)
         losses, answers = result["losses"], result["answers"]
         right = sum(colour in answer for colour, answer in zip(_colours_of_unseen(), answers))
         print(f"loss: {losses[0]:.3f} at the first step, {losses[-1]:.3f} at step {len(losses)}; "
@@ -140,7 +140,7 @@ def conformance(args) -> int:
 
     workers = ["-n", str(args.workers)] if args.workers > 1 else []  # pytest-xdist
     return run_conformance(args.backend, device=args.device, junit=args.junit, json_path=args.json, extra_args=workers,
-                           profile=args.profile)  # fmt: skip
+                           profile=args.profile)
 
 
 def build_zoo(args) -> int:
@@ -167,7 +167,7 @@ def audit(args) -> int:
     model = args.model or str(zoo.checkpoint(args.family))
     dtype = getattr(torch, args.dtype) if args.dtype else None
     report = audits.audit(model, args.backend, dtype=dtype, load_in_4bit=args.mode == "4bit", seed=args.seed,
-                          device=args.device, progress=lambda line: print(f"... {line}", flush=True))  # fmt: skip
+                          device=args.device, progress=lambda line: print(f"... {line}", flush=True))
     print(audits.table(report))
     if args.json:
         report.to_json(args.json)

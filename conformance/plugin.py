@@ -35,7 +35,7 @@ OPTIONS = {
                            f"backend under test: reference, optimized, or a module path (fallback: ${BACKEND_ENV})"),
     "fastvision_device": ("--fastvision-device", "--device", f"device the suite runs on: cpu or cuda (fallback: "
                           f"${DEVICE_ENV}, else cpu)"),
-}  # fmt: skip
+}
 _active_profile: list[str] = []  # the profile loaded for this run, once chosen
 
 
@@ -50,7 +50,7 @@ def pytest_load_initial_conftests(early_config, parser, args):
     """After the project's own conftests declared their options: alias --backend/--device if still free."""
     result = yield
     taken = {name for group in (parser._anonymous, *parser._groups) for option in group.options
-             for name in option.names()}  # fmt: skip
+             for name in option.names()}
     group = parser.getgroup(GROUP)
     for dest, (_name, alias, text) in OPTIONS.items():
         if alias not in taken:

@@ -27,7 +27,7 @@ from conformance.families import NAMES
 
 # Distributions whose versions decide a result, recorded beside it.
 VERSIONED = ("fastvision", "torch", "transformers", "huggingface_hub", "bitsandbytes", "accelerate", "hypothesis",
-             "pytest")  # fmt: skip
+             "pytest")
 OUTCOMES = ("passed", "failed", "skipped")
 
 
@@ -77,7 +77,7 @@ def summarise(collector: Collector) -> tuple[list[dict], list[str]]:
     for nodeid, outcome in collector.outcomes.items():
         counts[(area_of(nodeid), family_of(nodeid, collector.families))][outcome] += 1
     rows = [{"area": area, "family": family, **{o: counter[o] for o in OUTCOMES}}
-            for (area, family), counter in sorted(counts.items())]  # fmt: skip
+            for (area, family), counter in sorted(counts.items())]
     failures = sorted(n for n, o in collector.outcomes.items() if o == "failed")
     return rows, failures
 
@@ -113,7 +113,7 @@ def run_conformance(
     write JUnit XML to `junit` and a JSON summary to `json_path` when given; return pytest's exit code.
     `profile` names one of the suite's hypothesis profiles (plugin.PROFILES), e.g. "thorough"."""
     args = ["--pyargs", "conformance", "--fastvision-backend", backend, "--fastvision-device", device,
-            "-p", "no:cacheprovider"]  # fmt: skip
+            "-p", "no:cacheprovider"]
     if profile:
         args += ["--hypothesis-profile", profile]
     if junit:
@@ -126,6 +126,6 @@ def run_conformance(
     sys.stdout.flush()
     if json_path:
         summary = {"backend": backend, "device": device, "profile": profile, "versions": versions(),
-                   "exit_code": exit_code, "rows": rows, "failures": failures}  # fmt: skip
+                   "exit_code": exit_code, "rows": rows, "failures": failures}
         Path(json_path).write_text(json.dumps(summary, indent=1) + "\n")
     return exit_code

@@ -41,7 +41,7 @@ DEFAULTS = {
     "use_gradient_checkpointing": "unsloth", "supports_sdpa": True, "float32_mixed_precision": None,
     "gpu_memory_utilization": 0.5, "float8_kv_cache": False, "random_state": 3407, "max_lora_rank": 64,
     "disable_log_stats": False, "unsloth_vllm_standby": False,
-}  # fmt: skip
+}
 
 
 def _kvd(keyword: str, value) -> KVD:
@@ -51,7 +51,7 @@ def _kvd(keyword: str, value) -> KVD:
 DTYPE_NAMES = {
     "float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
     "float32": torch.float32, "fp32": torch.float32,
-}  # fmt: skip
+}
 
 
 TORCH_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -147,12 +147,12 @@ def _not_a_dtype_name(text: str) -> bool:
 _BOOL_ARGUMENTS = (
     "load_in_4bit", "load_in_8bit", "load_in_16bit", "full_finetuning", "trust_remote_code", "supports_sdpa",
     "offload_embedding", "fast_inference", "float8_kv_cache", "disable_log_stats", "unsloth_vllm_standby",
-)  # fmt: skip
+)
 
 INVALID: dict[str, Invalid] = {
     **{name: Invalid(_not_bool, _ARGUMENT_ERRORS) for name in _BOOL_ARGUMENTS},
     "model_name": Invalid(st.one_of(st.none(), st.integers(), st.floats(), st.lists(st.text(max_size=3), max_size=2)),
-                          _ARGUMENT_ERRORS),  # fmt: skip
+                          _ARGUMENT_ERRORS),
     "max_seq_length": Invalid(st.one_of(st.integers(max_value=0), _not_int), _ARGUMENT_ERRORS),
     "dtype": Invalid(
         st.one_of(
@@ -164,30 +164,30 @@ INVALID: dict[str, Invalid] = {
         (TypeError, ValueError),  # docs/contract.md: "Anything else: TypeError/ValueError"
     ),
     "token": Invalid(st.one_of(st.integers(), st.floats(), st.booleans(), st.lists(st.text(max_size=3), max_size=2)),
-                     _ARGUMENT_ERRORS),  # fmt: skip
+                     _ARGUMENT_ERRORS),
     # Ints and None are left out: transformers accepts them, docs/contract.md does not list them; a backend
     # may pass them on.
     "device_map": Invalid(
         st.one_of(st.sampled_from(("nowhere", "gpu", "cuda:x", "balanced_high", "")), st.floats(),
                   st.lists(st.text(max_size=3), min_size=1, max_size=2)),
         _ARGUMENT_ERRORS,
-    ),  # fmt: skip
+    ),
     "model_types": Invalid(
         st.one_of(st.just([]), st.text(min_size=1, max_size=8), st.integers(),
                   st.lists(st.integers(), min_size=1, max_size=2)),
         _ARGUMENT_ERRORS,
-    ),  # fmt: skip
+    ),
     "tokenizer_name": Invalid(st.one_of(st.integers(), st.floats(), st.booleans(), st.lists(st.integers(), max_size=2)),
-                              _ARGUMENT_ERRORS),  # fmt: skip
+                              _ARGUMENT_ERRORS),
     # None is left out: it is Unsloth's own default (pick the auto class), which a backend may honour.
     "auto_model": Invalid(st.one_of(st.text(max_size=30), st.integers(), st.sampled_from((object, dict, int))),
-                          _ARGUMENT_ERRORS),  # fmt: skip
+                          _ARGUMENT_ERRORS),
     # 0 and 1 (and 0.0, 1.0) are left out: they compare equal to False and True, which Unsloth accepts.
     "use_gradient_checkpointing": Invalid(
         st.one_of(st.text(max_size=10).filter(lambda s: s != "unsloth"), st.none(),
                   st.integers().filter(lambda i: i not in (0, 1)), st.floats().filter(lambda f: f not in (0, 1))),
         (ValueError,),  # docs/contract.md: "Any other value: ValueError"
-    ),  # fmt: skip
+    ),
     "whisper_language": Invalid(st.text(max_size=8), (ValueError,)),  # docs/contract.md: "set on a VLM: ValueError"
     "whisper_task": Invalid(st.sampled_from(("transcribe", "translate", "")), (ValueError,)),
     "auto_config": Invalid(
@@ -200,7 +200,7 @@ INVALID: dict[str, Invalid] = {
         st.one_of(st.floats(max_value=0), st.floats(min_value=1, exclude_min=True), st.just(float("nan")),
                   st.integers(max_value=0), st.integers(min_value=2), st.text(max_size=4)),
         _ARGUMENT_ERRORS,
-    ),  # fmt: skip
+    ),
     "max_lora_rank": Invalid(st.one_of(st.integers(max_value=0), _not_int), _ARGUMENT_ERRORS),
     "random_state": Invalid(_not_int, _ARGUMENT_ERRORS),
 }
@@ -306,7 +306,7 @@ class AttentionCase:
         return OracleSpec(
             scale=self.scale, causal=self.causal, window=self.window, softcap=self.softcap,
             key_padding=self.key_padding(), cu_seqlens=self.cu_seqlens(), span_ids=self.span_ids(),
-        )  # fmt: skip
+        )
 
     # ------------------------------------------------------------------ naming
     def features(self) -> list[str]:
@@ -407,7 +407,7 @@ def _scale(draw, head_dim: int) -> float:
 
 @_st.composite
 def text_attention_cases(draw, *, window: bool = False, spans: bool = False, softcap: bool = True,
-                         dtypes: tuple[torch.dtype, ...] = ATTENTION_DTYPES):  # fmt: skip
+                         dtypes: tuple[torch.dtype, ...] = ATTENTION_DTYPES):
     """A causal language-model attention call: GQA/MQA, prefill or decode (Sq < Sk), left/right
     padding per row, and, where the family has them, a sliding window and bidirectional spans."""
     batch = draw(_st.integers(1, 3))
@@ -425,7 +425,7 @@ def text_attention_cases(draw, *, window: bool = False, spans: bool = False, sof
         padding=_padding_rows(draw, batch, kv_len, q_len),
         spans=_span_rows(draw, batch, kv_len) if spans and draw(_st.booleans()) else None,
         seed=draw(_st.integers(0, 2**16)),
-    )  # fmt: skip
+    )
 
 
 @_st.composite
@@ -444,4 +444,4 @@ def vision_attention_cases(draw, *, packed: bool, dtypes: tuple[torch.dtype, ...
         batch=batch, q_heads=heads, kv_heads=heads, q_len=length, kv_len=length, head_dim=head_dim,
         dtype=draw(_st.sampled_from(dtypes)), scale=_scale(draw, head_dim), causal=False, segments=segments,
         seed=draw(_st.integers(0, 2**16)),
-    )  # fmt: skip
+    )

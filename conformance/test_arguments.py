@@ -105,7 +105,7 @@ def check_load_matches_contract(model, family: str, kwargs: dict, device: str, r
     quantized = quantized_language_linears(model, family)
     checks.check(bool(quantized) == bool(want_kinds),
                  f"{mode} load: {len(quantized)} language-model linears hold quantized weights",
-                 repro=repro)  # fmt: skip
+                 repro=repro)
     want_dtype = parameter_dtype(kwargs, device)
     checks.check_equal(model.get_input_embeddings().weight.dtype, want_dtype, "input embedding dtype", repro=repro)
     floats = [(n, p) for n, p in model.named_parameters() if p.dtype.is_floating_point]
@@ -155,7 +155,7 @@ def test_invalid_value_is_rejected_naming_it(backend, argument, data):
     model_name = shown.pop("model_name")
     repro = checks.call(model_name if argument == "model_name" else checks.zoo_path("llava"), **shown)
     checks.expect_error(lambda: backend.FastVisionModel.from_pretrained(**kwargs), invalid.errors,
-                        names=(argument,), value=value, repro=repro)  # fmt: skip
+                        names=(argument,), value=value, repro=repro)
 
 
 @settings(max_examples=3, phases=NO_SHRINK)  # each example reaches the model class (about 0.3 s)
@@ -165,13 +165,13 @@ def test_unknown_keyword_is_rejected_by_name(backend, suffix):
     repro = checks.call(checks.zoo_path("llava"), **SIXTEEN_BIT, **{name: 1})
     kwargs = {**SIXTEEN_BIT, name: 1}
     checks.expect_error(lambda: backend.FastVisionModel.from_pretrained(zoo.checkpoint("llava"), **kwargs),
-                        (TypeError, ValueError), names=(name,), repro=repro)  # fmt: skip
+                        (TypeError, ValueError), names=(name,), repro=repro)
 
 
 # ------------------------------------------------------------------------------- arguments at depth
 def _drawn_invalid(data, count: int) -> dict:
     names = data.draw(st.lists(st.sampled_from(sorted(set(strategies.INVALID) - {"model_name"})), min_size=count,
-                               max_size=count, unique=True), label="invalid arguments")  # fmt: skip
+                               max_size=count, unique=True), label="invalid arguments")
     return {name: data.draw(strategies.INVALID[name].values, label=name) for name in names}
 
 
@@ -192,10 +192,10 @@ def test_every_drawn_call_loads_or_raises_a_documented_error_naming_an_argument(
         return
     errors = tuple({error for name in invalid for error in strategies.INVALID[name].errors})
     seen = checks.expect_error(lambda: backend.FastVisionModel.from_pretrained(zoo.checkpoint(family), **kwargs),
-                               errors, repro=repro)  # fmt: skip
+                               errors, repro=repro)
     checks.check(any(name in seen.message for name in invalid),
                  f"{seen.type_name} names none of the invalid arguments {sorted(invalid)}: {seen.message!r}",
-                 repro=repro)  # fmt: skip
+                 repro=repro)
 
 
 # ---------------------------------------------------------------------------------------- load modes
@@ -214,7 +214,7 @@ def test_only_one_load_mode(backend, case):
     named = [k for k in ("load_in_4bit", "load_in_8bit", "load_in_16bit") if kwargs.get(k, k == "load_in_4bit")]
     repro = checks.call(checks.zoo_path("llava"), **kwargs)
     checks.expect_error(lambda: backend.FastVisionModel.from_pretrained(zoo.checkpoint("llava"), **kwargs), ValueError,
-                        names=named, repro=repro)  # fmt: skip
+                        names=named, repro=repro)
 
 
 @pytest.mark.parametrize("dtype", [None, *strategies.TORCH_DTYPES, *strategies.DTYPE_NAMES], ids=str)
@@ -248,7 +248,7 @@ def test_lora_mode_freezes_every_parameter(default_load, family):
     model, _, repro = default_load(family)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     checks.check(not trainable, f"LoRA mode left {len(trainable)} parameters trainable, e.g. {trainable[:3]}",
-                 repro=repro)  # fmt: skip
+                 repro=repro)
 
 
 @pytest.mark.parametrize("family", ALL)
@@ -290,12 +290,12 @@ def test_token_is_never_written_logged_or_set_globally(backend, tmp_path, monkey
     out, err = capfd.readouterr()
     shown = [where for where, text in [("stdout", out), ("stderr", err), ("logs", caplog.text),
                                        ("warnings", " ".join(recorded.messages)), ("model.config", repr(model.config)),
-                                       ("processor", repr(processor))] if secret in text]  # fmt: skip
+                                       ("processor", repr(processor))] if secret in text]
     checks.check(not shown, f"the token appears in {shown}", repro=repro)
     changed = sorted(k for k in set(os.environ) | set(env_before) if os.environ.get(k) != env_before.get(k))
     checks.check(not changed, f"the load changed environment variables {changed}", repro=repro)
     checks.check_equal(huggingface_hub.get_token(), token_before, "huggingface_hub.get_token() after the load",
-                       repro=repro)  # fmt: skip
+                       repro=repro)
 
 
 # ---------------------------------------------------------------------------------------- device_map
@@ -322,7 +322,7 @@ def test_remote_code_checkpoint_is_refused_without_trust_remote_code(backend, tm
     (path / "config.json").write_text(json.dumps(config))
     repro = f"{checks.call(path, **SIXTEEN_BIT)}  # config.json has an auto_map"
     checks.expect_error(lambda: backend.FastVisionModel.from_pretrained(path, **SIXTEEN_BIT), Exception,
-                        names=("trust_remote_code",), repro=repro)  # fmt: skip
+                        names=("trust_remote_code",), repro=repro)
 
 
 @pytest.mark.parametrize("model_types", [["llava"], ["siglip", "llava"]], ids=str)
@@ -335,7 +335,7 @@ def test_model_types_without_the_checkpoint_type_are_refused(backend):
     kwargs = {"model_types": ["qwen2_vl", "gemma3"], **SIXTEEN_BIT}
     repro = checks.call(checks.zoo_path("llava"), **kwargs)
     checks.expect_error(lambda: backend.FastVisionModel.from_pretrained(zoo.checkpoint("llava"), **kwargs), ValueError,
-                        names=("model_types", "llava"), repro=repro)  # fmt: skip
+                        names=("model_types", "llava"), repro=repro)
 
 
 PROCESSOR_MARKER = "{#- fastvision-conformance: this processor came from tokenizer_name -#}"
@@ -352,7 +352,7 @@ def test_tokenizer_name_is_where_the_processor_comes_from(backend, tmp_path):
         _, processor = backend.FastVisionModel.from_pretrained(model_dir, tokenizer_name=processor_dir, **SIXTEEN_BIT)
     checks.check_equal(type(processor).__name__, FAMILIES["llava"].processor_class, "processor class", repro=repro)
     checks.check(PROCESSOR_MARKER in (processor.chat_template or ""),
-                 "the processor's chat template is not the one in tokenizer_name's folder", repro=repro)  # fmt: skip
+                 "the processor's chat template is not the one in tokenizer_name's folder", repro=repro)
 
 
 @pytest.mark.parametrize("family", ALL)
@@ -375,7 +375,7 @@ def test_auto_config_is_used_instead_of_config_json(backend):
     with checks.reproducing(repro):
         model, _ = backend.FastVisionModel.from_pretrained(zoo.checkpoint("llava"), auto_config=config, **SIXTEEN_BIT)
     checks.check_equal(getattr(model.config, "fastvision_conformance_marker", None), "from auto_config",
-                       "marker set on auto_config", repro=repro)  # fmt: skip
+                       "marker set on auto_config", repro=repro)
     checks.check_equal(model.config.text_config.rms_norm_eps, 0.25, "text_config.rms_norm_eps", repro=repro)
 
 
@@ -411,10 +411,10 @@ def plain_checkpointing(backend):
 @pytest.mark.parametrize(("value", "max_seq_length", "expected"), CHECKPOINTING, ids=lambda v: repr(v))
 def test_gradient_checkpointing_modes(backend, plain_checkpointing, value, max_seq_length, expected):
     model, _, repro = load(backend, "llava", use_gradient_checkpointing=value, max_seq_length=max_seq_length,
-                           **SIXTEEN_BIT)  # fmt: skip
+                           **SIXTEEN_BIT)
     layers = checkpointing_layers(model)
     checks.check(bool(layers) == (expected != "off"), f"{len(layers)} layers checkpointed, expected {expected}",
-                 repro=repro)  # fmt: skip
+                 repro=repro)
     if expected == "off":
         return
     cached = {k: v for k, v in use_cache_values(model).items() if v is not False}
@@ -424,7 +424,7 @@ def test_gradient_checkpointing_modes(backend, plain_checkpointing, value, max_s
     checks.check(same_as_plain == (expected == "plain"),
                  f"use_gradient_checkpointing={value!r}, max_seq_length={max_seq_length}: checkpoint function "
                  f"{functions} {'is' if same_as_plain else 'is not'} the plain one {plain_checkpointing}; "
-                 f"expected {expected} checkpointing", repro=repro)  # fmt: skip
+                 f"expected {expected} checkpointing", repro=repro)
 
 
 @pytest.mark.parametrize("family", ALL)
@@ -437,7 +437,7 @@ def test_checkpointed_forward_has_a_graph_in_lora_mode(default_load, family):
         logits = model(**batch).logits
     checks.check(logits.requires_grad and logits.grad_fn is not None,
                  "LoRA-mode forward gives logits without a graph: input embeddings do not require grad",
-                 repro=repro)  # fmt: skip
+                 repro=repro)
 
 
 def input_embedding_grads(model, processor):
@@ -466,7 +466,7 @@ def input_embedding_grads(model, processor):
 @pytest.mark.parametrize("family", ALL)
 def test_unsloth_checkpointing_gives_the_gradients_of_no_checkpointing(backend, family):
     offloaded, processor, repro = load(backend, family, use_gradient_checkpointing="unsloth", max_seq_length=2048,
-                                       **SIXTEEN_BIT)  # fmt: skip
+                                       **SIXTEEN_BIT)
     plain, _, _ = load(backend, family, use_gradient_checkpointing=False, **SIXTEEN_BIT)
     with checks.reproducing(repro):
         want, got = input_embedding_grads(plain, processor), input_embedding_grads(offloaded, processor)
@@ -474,7 +474,7 @@ def test_unsloth_checkpointing_gives_the_gradients_of_no_checkpointing(backend, 
     error = (got.double() - want.double()).abs().max().item()
     bound = tolerances.GRAD_ERROR_FLOOR[offloaded.get_input_embeddings().weight.dtype]
     checks.check(error <= bound, f"input-embedding gradients differ by {error:.3g} (bound {bound:.3g}) from "
-                 "use_gradient_checkpointing=False", repro=repro)  # fmt: skip
+                 "use_gradient_checkpointing=False", repro=repro)
 
 
 # ------------------------------------------------------------------------------------------- numerics
@@ -506,9 +506,9 @@ def test_offload_embedding_keeps_it_on_the_cpu_and_outputs_unchanged(backend, fa
     kept, processor, _ = load(backend, family, **SIXTEEN_BIT)
     offloaded, _, repro = load(backend, family, offload_embedding=True, **SIXTEEN_BIT)
     checks.check_equal(offloaded.get_input_embeddings().weight.device.type, "cpu", "offloaded embedding device",
-                       repro=repro)  # fmt: skip
+                       repro=repro)
     checks.check(torch.equal(valid_logits(kept, processor), valid_logits(offloaded, processor)),
-                 "offload_embedding=True changes the logits", repro=repro)  # fmt: skip
+                 "offload_embedding=True changes the logits", repro=repro)
 
 
 # ---------------------------------------------------------------------------------------- vLLM rows
@@ -517,21 +517,21 @@ def test_offload_embedding_keeps_it_on_the_cpu_and_outputs_unchanged(backend, fa
 def test_fast_inference_without_vllm_is_an_import_error_naming_it(backend, family):
     repro = checks.call(checks.zoo_path(family), fast_inference=True)
     checks.expect_error(lambda: backend.FastVisionModel.from_pretrained(zoo.checkpoint(family), fast_inference=True),
-                        ImportError, names=("vllm",), repro=repro)  # fmt: skip
+                        ImportError, names=("vllm",), repro=repro)
 
 
 @pytest.mark.parametrize("family", NO_FAST_INFERENCE)
 def test_fast_inference_on_other_families_is_a_value_error(backend, family):
     repro = checks.call(checks.zoo_path(family), fast_inference=True)
     checks.expect_error(lambda: backend.FastVisionModel.from_pretrained(zoo.checkpoint(family), fast_inference=True),
-                        ValueError, names=("fast_inference",), repro=repro)  # fmt: skip
+                        ValueError, names=("fast_inference",), repro=repro)
 
 
 def test_fast_inference_with_full_finetuning_is_not_implemented(backend):
     kwargs = {"fast_inference": True, "full_finetuning": True}
     repro = checks.call(checks.zoo_path("qwen2_5_vl"), **kwargs)
     checks.expect_error(lambda: backend.FastVisionModel.from_pretrained(zoo.checkpoint("qwen2_5_vl"), **kwargs),
-                        NotImplementedError, repro=repro)  # fmt: skip
+                        NotImplementedError, repro=repro)
 
 
 # -------------------------------------------------------------------------------------- random_state
@@ -564,7 +564,7 @@ def test_a_load_leaves_the_callers_random_state_alone(backend):
     state = torch.get_rng_state()
     _, _, repro = load(backend, "llava", random_state=7, **SIXTEEN_BIT)
     checks.check(torch.equal(state, torch.get_rng_state()), "the load changed torch's global random state",
-                 repro=repro)  # fmt: skip
+                 repro=repro)
 
 
 # -------------------------------------------------------------------------------------------- kwargs
@@ -578,13 +578,13 @@ def test_a_load_leaves_the_callers_random_state_alone(backend):
 )
 def test_quantization_config_sets_the_mode(backend, config, flags, kind):
     repro = checks.call(checks.zoo_path("llava"), quantization_config=checks.Raw(f"<{kind} BitsAndBytesConfig>"),
-                        **flags)  # fmt: skip
+                        **flags)
     with checks.reproducing(repro):
         model, _ = backend.FastVisionModel.from_pretrained(zoo.checkpoint("llava"), quantization_config=config, **flags)
     kinds = set(model.quantization_plan.kinds().values()) - {"keep"}
     checks.check_equal(kinds, {kind}, "quantized kinds in the plan", repro=repro)
     checks.check(quantized_language_linears(model, "llava"), "no language-model linear holds quantized weights",
-                 repro=repro)  # fmt: skip
+                 repro=repro)
 
 
 def test_attn_implementation_is_honoured(backend):
@@ -601,7 +601,7 @@ def test_returns_the_family_model_with_its_attributes(default_load, family):
     check_max_seq_length(model, family, 2048, repro)
     backend_name = getattr(model, "fastvision_backend", None)
     checks.check(isinstance(backend_name, str) and backend_name, f"model.fastvision_backend is {backend_name!r}",
-                 repro=repro)  # fmt: skip
+                 repro=repro)
 
 
 @pytest.mark.parametrize("family", ALL)
@@ -638,7 +638,7 @@ def test_a_failed_load_leaves_nothing_behind(backend, device, case):
 
     def failing_load():
         checks.expect_error(lambda: backend.FastVisionModel.from_pretrained(zoo.checkpoint("llava"), **kwargs),
-                            (TypeError, ValueError, NotImplementedError), repro=repro)  # fmt: skip
+                            (TypeError, ValueError, NotImplementedError), repro=repro)
 
     failing_load()  # the first call may import modules and fill caches; a leak shows on every call
     modules, memory = checks.live_modules(), checks.device_memory(device)
@@ -648,5 +648,5 @@ def test_a_failed_load_leaves_nothing_behind(backend, device, case):
     checks.check_equal(checks.device_memory(device), memory, "device memory after a failed load", repro=repro)
     checks.check_equal(dict(os.environ), env, "environment after a failed load", repro=repro)
     checks.check(torch.equal(rng, torch.get_rng_state()), "a failed load changed torch's global random state",
-                 repro=repro)  # fmt: skip
+                 repro=repro)
     checks.check_equal(torch.get_default_dtype(), default_dtype, "torch's default dtype", repro=repro)

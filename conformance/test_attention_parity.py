@@ -54,26 +54,26 @@ BATCHED_FAMILIES = tuple(name for name in VISION_CALLS if name not in PACKED_FAM
 # Explicit examples, each exercising one feature alone, so a fault is reported by the feature it breaks.
 GQA = AttentionCase(batch=1, q_heads=6, kv_heads=2, q_len=12, kv_len=12, head_dim=32, scale=32**-0.5, seed=1)
 LEFT_PADDING = AttentionCase(batch=2, q_heads=4, kv_heads=4, q_len=10, kv_len=10, head_dim=64, scale=64**-0.5,
-                             padding=(("left", 4), ("left", 0)), seed=2)  # fmt: skip
+                             padding=(("left", 4), ("left", 0)), seed=2)
 DECODE = AttentionCase(batch=2, q_heads=4, kv_heads=4, q_len=3, kv_len=16, head_dim=64, scale=64**-0.5, seed=3)
 SCALE = AttentionCase(batch=1, q_heads=2, kv_heads=2, q_len=9, kv_len=9, head_dim=32, scale=24**-0.5, seed=4)
 WINDOW = AttentionCase(batch=1, q_heads=2, kv_heads=2, q_len=20, kv_len=20, head_dim=32, scale=32**-0.5,
-                       window=5, seed=5)  # fmt: skip
+                       window=5, seed=5)
 SPANS = AttentionCase(batch=2, q_heads=2, kv_heads=2, q_len=24, kv_len=24, head_dim=32, scale=32**-0.5,
-                      spans=(((3, 8),), ((10, 6), (18, 4))), seed=6)  # fmt: skip
+                      spans=(((3, 8),), ((10, 6), (18, 4))), seed=6)
 SOFTCAP = AttentionCase(batch=1, q_heads=2, kv_heads=2, q_len=8, kv_len=8, head_dim=32, scale=32**-0.5,
-                        softcap=2.0, seed=7)  # fmt: skip
+                        softcap=2.0, seed=7)
 PACKED = AttentionCase(batch=1, q_heads=2, kv_heads=2, q_len=20, kv_len=20, head_dim=80, scale=80**-0.5,
-                       causal=False, segments=(12, 8), seed=8)  # fmt: skip
+                       causal=False, segments=(12, 8), seed=8)
 BATCHED = AttentionCase(batch=2, q_heads=2, kv_heads=2, q_len=17, kv_len=17, head_dim=72, scale=72**-0.5,
-                        causal=False, seed=9)  # fmt: skip
+                        causal=False, seed=9)
 
 
 # ------------------------------------------------------------------------------- the backend's model
 @functools.cache
 def _model(backend, family: str, device: str):
     model, _ = backend.FastVisionModel.from_pretrained(str(zoo.checkpoint(family)), load_in_4bit=False,
-                                                       device_map=device)  # fmt: skip
+                                                       device_map=device)
     return model
 
 
@@ -96,7 +96,7 @@ def _twin(module, case: AttentionCase):
     case's head layout: transformers' functions, and a backend's, read these attributes."""
     twin = copy.copy(module)
     twin.__dict__.update(num_key_value_groups=case.q_heads // case.kv_heads, head_dim=case.head_dim,
-                         scaling=case.scale, training=False)  # fmt: skip
+                         scaling=case.scale, training=False)
     for name in ("num_heads", "num_attention_heads"):
         if name in module.__dict__:
             twin.__dict__[name] = case.q_heads
@@ -110,7 +110,7 @@ def _composition(case: AttentionCase, span_ids):
     """(mask function, extra mask-builder kwargs), composed as transformers composes them."""
     if case.spans is not None and case.window is not None:  # Gemma3 sliding layers: AND(window, OR(causal, block))
         function = mu.and_masks(mu.or_masks(mu.causal_mask_function, mu.blockwise_overlay(span_ids)),
-                                mu.sliding_window_overlay(case.window))  # fmt: skip
+                                mu.sliding_window_overlay(case.window))
         return function, {"allow_is_causal_skip": False, "use_vmap": True}
     if case.spans is not None:  # Gemma3 full layers: create_causal_mask(block_sequence_ids=...)
         return mu.or_masks(mu.causal_mask_function, mu.blockwise_overlay(span_ids)), {"allow_is_causal_skip": False}
@@ -126,7 +126,7 @@ def _text_mask_arguments(case: AttentionCase, config, device) -> dict:
     padding = torch.ones(case.batch, case.kv_len, dtype=torch.bool) if padding is None else padding
     return dict(batch_size=case.batch, **_sizes(case, device), kv_offset=0, mask_function=function,
                 attention_mask=padding.to(device), dtype=case.dtype, config=config, device=device,
-                **{"allow_is_causal_skip": True, "use_vmap": False, **extra})  # fmt: skip
+                **{"allow_is_causal_skip": True, "use_vmap": False, **extra})
 
 
 def _sizes(case: AttentionCase, device) -> dict:
@@ -135,7 +135,7 @@ def _sizes(case: AttentionCase, device) -> dict:
     if "q_length" in inspect.signature(mu.sdpa_mask).parameters:
         return {"q_length": case.q_len, "q_offset": case.kv_len - case.q_len, "kv_length": case.kv_len}
     return {"cache_position": torch.arange(case.kv_len - case.q_len, case.kv_len, device=device),
-            "kv_length": case.kv_len}  # fmt: skip
+            "kv_length": case.kv_len}
 
 
 def _dense(case: AttentionCase, mask: torch.Tensor | None) -> torch.Tensor:
@@ -183,15 +183,15 @@ def _judge(what: str, case: AttentionCase, dense, call, plain_call, device, *, r
     expected_shape = (case.batch, case.q_len, case.q_heads, case.head_dim)
     checks.check(tuple(got.shape) == expected_shape,
                  f"{what} returned shape {tuple(got.shape)}, transformers expects (B, Sq, Hq, D) = {expected_shape}",
-                 repro=repro)  # fmt: skip
+                 repro=repro)
     got64 = got.double().cpu()
     masked = ~rows.expand_as(got64)
     checks.check(bool(torch.isfinite(got64[~masked]).all()), f"{what} gave NaN/inf on rows with keys: {case}",
-                 repro=repro)  # fmt: skip
+                 repro=repro)
     _check_bound(f"{what} output", case, got64, plain, want.transpose(1, 2), rows, grad=False, repro=repro)
     if not bool((got64[masked] == 0).all()):
         raise checks.fail(f"{what} gave {_describe_nonzero(got64[masked])} on {case.fully_masked_rows()} fully "
-                          f"masked query rows (must be exactly 0, never NaN): {case}", repro)  # fmt: skip
+                          f"masked query rows (must be exactly 0, never NaN): {case}", repro)
     for name, g, p, w in zip(("dq", "dk", "dv"), got_grads, plain_grads, want_grads):
         layout_rows = rows.transpose(1, 2) if name == "dq" else None  # dq is (B, Hq, Sq, D); dk, dv: every row
         _check_bound(f"{what} {name}", case, g.double().cpu(), p, w, layout_rows, grad=True, repro=repro)
@@ -211,7 +211,7 @@ def _check_bound(what, case, got64, plain, want, rows, *, grad: bool, repro: str
     bound = tolerances.kernel_bound(plain_err, case.dtype, grad=grad)
     checks.check(err <= bound,  # a NaN error fails here too
                  f"{what} differs from the float64 oracle by {err:.3g} > bound {bound:.3g} (transformers' plain "
-                 f"attention in {case.dtype}: {plain_err:.3g}) on {case}", repro=repro)  # fmt: skip
+                 f"attention in {case.dtype}: {plain_err:.3g}) on {case}", repro=repro)
 
 
 # ------------------------------------------------------------------------------------------ checks
@@ -236,14 +236,14 @@ def check_text_attention(backend, family: str, case: AttentionCase, device: str 
 
     repro = f"check_text_attention({backend.__name__}, {family!r}, {case!r}, {device!r})"
     _judge(f"{family} text attention ({key!r})", case, dense, call,
-           lambda q, k, v: _plain_reference(twin, q, k, v, dense, case), device, repro=repro)  # fmt: skip
+           lambda q, k, v: _plain_reference(twin, q, k, v, dense, case), device, repro=repro)
 
 
 def _for_family(case: AttentionCase, family: str) -> AttentionCase:
     """Drop mask features the family's language model never uses (a drawn case is family-agnostic)."""
     features = TEXT_FEATURES.get(family, set())
     return dataclasses.replace(case, window=case.window if "window" in features else None,
-                               spans=case.spans if "spans" in features else None)  # fmt: skip
+                               spans=case.spans if "spans" in features else None)
 
 
 def check_vision_attention(backend, family: str, case: AttentionCase, device: str = "cpu") -> None:
@@ -261,7 +261,7 @@ def check_vision_attention(backend, family: str, case: AttentionCase, device: st
         def call(q, k, v):
             parts = zip(*(t.split(segments, dim=2) for t in (q, k, v)))
             outs = [function(twin, qi, ki, vi, attention_mask=None, scaling=case.scale, dropout=0.0, is_causal=False)[0]
-                    for qi, ki, vi in parts]  # fmt: skip
+                    for qi, ki, vi in parts]
             return torch.cat(outs, dim=1)
     elif how == "block_mask":
         dense_from_transformers = _packed_mask(case)
@@ -280,7 +280,7 @@ def check_vision_attention(backend, family: str, case: AttentionCase, device: st
     dense = _dense(case, dense_from_transformers)
     repro = f"check_vision_attention({backend.__name__}, {family!r}, {case!r}, {device!r})"
     _judge(f"{family} vision attention ({key!r}, {how})", case, dense, call,
-           lambda q, k, v: _plain_reference(twin, q, k, v, dense, case), device, repro=repro)  # fmt: skip
+           lambda q, k, v: _plain_reference(twin, q, k, v, dense, case), device, repro=repro)
 
 
 def _packed_mask(case: AttentionCase) -> torch.Tensor:

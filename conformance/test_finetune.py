@@ -343,7 +343,7 @@ def training_loss_and_lora_grads(model, batch, labels):
     out = model(**batch, labels=labels)
     out.loss.backward()
     grads = {n.replace(".default", ""): p.grad.detach().clone() for n, p in model.named_parameters()
-             if "lora_" in n and p.grad is not None}  # fmt: skip
+             if "lora_" in n and p.grad is not None}
     return out.loss.detach(), grads, None if out.logits is None else out.logits.detach()
 
 
@@ -359,24 +359,24 @@ def test_the_training_loss_and_its_lora_gradients_match_transformers_with_the_sa
     with checks.reproducing(repro):
         loss, grads, logits = training_loss_and_lora_grads(model, batch, labels)
     truth, truth_grads, truth_logits = training_loss_and_lora_grads(eager_with(model, family, device, torch.float32),
-                                                                    batch, labels)  # fmt: skip
+                                                                    batch, labels)
     yard, yard_grads, yard_logits = training_loss_and_lora_grads(eager_with(model, family, device, dtype), batch,
-                                                                 labels)  # fmt: skip
+                                                                 labels)
     err, bound = (loss - truth).abs().item(), tolerances.training_loss_bound((yard - truth).abs().item(), dtype)
     checks.check(err <= bound, f"training loss differs from transformers + PEFT by {err:.3g} > {bound:.3g}",
-                 repro=repro)  # fmt: skip
+                 repro=repro)
     checks.check_equal(set(grads), set(truth_grads), "LoRA weights with gradients", repro=repro)
     for name, want in truth_grads.items():
         error = (grads[name].float() - want).abs().max().item()
         bound = tolerances.model_grads_bound((yard_grads[name].float() - want).abs().max().item(), want, dtype)
         checks.check(error <= bound, f"training gradient of {name} differs from the judge's by {error:.3g} > "
-                     f"{bound:.3g}", repro=repro)  # fmt: skip
+                     f"{bound:.3g}", repro=repro)
     if logits is not None:  # built after all: they must be the model's logits
         valid = batch["attention_mask"].bool()
         error = (logits.float() - truth_logits)[valid].abs().max().item()
         bound = tolerances.model_logits_bound((yard_logits.float() - truth_logits)[valid].abs().max().item(), dtype)
         checks.check(error <= bound, f"training logits differ from the judge's by {error:.3g} > {bound:.3g}",
-                     repro=repro)  # fmt: skip
+                     repro=repro)
 
 
 def _valid_logits(model, processor, device):

@@ -43,7 +43,7 @@ def _backend_model(backend, family: str, device: str, mode: str):
 @functools.cache
 def _eager_model(family: str, device: str, dtype: torch.dtype):
     model = AutoModelForImageTextToText.from_pretrained(zoo.checkpoint(family), attn_implementation="eager",
-                                                        dtype=dtype)  # fmt: skip
+                                                        dtype=dtype)
     return model.to(device).eval().requires_grad_(False)  # only the input embeddings need a gradient
 
 
@@ -70,7 +70,7 @@ def _logits_and_grads(model, family: str, batch, valid: torch.Tensor, *, repro: 
     loss = F.cross_entropy(logits[:, :-1][pairs].float(), batch["input_ids"][:, 1:][pairs])
     loss.backward()
     checks.check(len(captured) == 1, f"{family}: the input embedding ran {len(captured)} times in one forward",
-                 repro=repro)  # fmt: skip
+                 repro=repro)
     return logits.detach(), captured[0].grad
 
 
@@ -89,20 +89,20 @@ def test_16bit_logits_and_grads_match_transformers_eager(backend, device, family
     batch, valid = _batch(processor, family, name, device)
     got_logits, got_grads = _logits_and_grads(model, family, batch, valid, repro=repro)
     truth_logits, truth_grads = _logits_and_grads(_eager_model(family, device, torch.float32), family, batch, valid,
-                                                  repro=repro)  # fmt: skip
+                                                  repro=repro)
     eager_logits, eager_grads = _logits_and_grads(_eager_model(family, device, dtype), family, batch, valid,
-                                                  repro=repro)  # fmt: skip
+                                                  repro=repro)
     what = f"{family} {name} ({tuple(batch['input_ids'].shape)} tokens, {dtype})"
     err, eager_err = _error(got_logits, truth_logits, valid), _error(eager_logits, truth_logits, valid)
     bound = tolerances.model_logits_bound(eager_err, dtype)
     checks.check(err <= bound, f"{what}: logits differ from transformers' fp32 eager model by {err:.3g} > {bound:.3g}"
-                 f" (its {dtype} eager model: {eager_err:.3g}) on valid tokens", repro=repro)  # fmt: skip
+                 f" (its {dtype} eager model: {eager_err:.3g}) on valid tokens", repro=repro)
     checks.check(got_grads is not None, f"{what}: no gradient reached the input embeddings", repro=repro)
     err, eager_err = _error(got_grads, truth_grads, valid), _error(eager_grads, truth_grads, valid)
     bound = tolerances.model_grads_bound(eager_err, truth_grads[valid], dtype)
     checks.check(err <= bound, f"{what}: d(loss)/d(input embeddings) differs from transformers' fp32 eager model by "
                  f"{err:.3g} > {bound:.3g} (its {dtype} eager model: {eager_err:.3g}) on valid tokens",
-                 repro=repro)  # fmt: skip
+                 repro=repro)
 
 
 def _error(got: torch.Tensor, truth: torch.Tensor, valid: torch.Tensor) -> float:
@@ -127,7 +127,7 @@ def test_4bit_logits_keep_the_signal(backend, device, family, name):
     sqnr = tolerances.sqnr_db(want, got)
     bound = tolerances.nf4_logits_min_sqnr_db(family)
     checks.check(sqnr >= bound, f"{family} {name}: 4-bit logits keep {sqnr:.1f} dB of the 16-bit eager model's "
-                 f"signal, below {bound} dB", repro=repro)  # fmt: skip
+                 f"signal, below {bound} dB", repro=repro)
 
 
 # ---------------------------------------------------------------- a mask transformers changed under us
@@ -163,14 +163,14 @@ def test_a_mask_closure_the_backend_cannot_read_never_breaks_a_forward(backend, 
     if mode == "4bit":
         sqnr, bound = tolerances.sqnr_db(truth[valid], got[valid]), tolerances.nf4_logits_min_sqnr_db(family)
         checks.check(sqnr >= bound, f"4-bit logits keep {sqnr:.1f} dB of the eager model's signal, below {bound} dB "
-                     "(the sliding window lost?)", repro=repro)  # fmt: skip
+                     "(the sliding window lost?)", repro=repro)
         return
     dtype = model.get_input_embeddings().weight.dtype
     with torch.no_grad():
         eager_err = _error(_eager_model(family, device, dtype)(**batch).logits, truth, valid)
     err, bound = _error(got, truth, valid), tolerances.model_logits_bound(eager_err, dtype)
     checks.check(err <= bound, f"logits differ from transformers' eager model by {err:.3g} > {bound:.3g} (the "
-                 "sliding window lost?)", repro=repro)  # fmt: skip
+                 "sliding window lost?)", repro=repro)
 
 
 @pytest.mark.parametrize("family", families.params())
@@ -188,8 +188,8 @@ def test_logits_and_gradients_depend_on_the_image(backend, device, family):
     change = (logits[valid] - other[valid]).abs().max().item()
     floor = tolerances.IMAGE_DEPENDENCE_MIN_LOGIT_CHANGE
     checks.check(change >= floor, f"{family}: another image changes the logits by {change:.3g} < {floor}: the "
-                 "image does not reach the language model", repro=repro)  # fmt: skip
+                 "image does not reach the language model", repro=repro)
     logits[valid].float().logsumexp(-1).mean().backward()
     gradient = pixels.grad.abs().max().item() if pixels.grad is not None else 0.0
     checks.check(gradient > 0, f"{family}: no gradient reaches pixel_values (vision LoRA would learn nothing)",
-                 repro=repro)  # fmt: skip
+                 repro=repro)

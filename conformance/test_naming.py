@@ -89,7 +89,7 @@ def _offline(monkeypatch) -> None:
 def _language_linears(model, family: str, quantized: bool) -> list[str]:
     lm = model.get_submodule(FAMILIES[family].language_model)
     return [n for n, m in lm.named_modules() if isinstance(m, nn.Linear) and
-            (not m.weight.dtype.is_floating_point) == quantized]  # fmt: skip
+            (not m.weight.dtype.is_floating_point) == quantized]
 
 
 @pytest.mark.parametrize("family", params(["llava", "qwen2_vl"]))
@@ -114,7 +114,7 @@ def test_neither_twin_nor_original_at_hand_is_an_offline_error_naming_the_twin(b
     sixteen, four = TWINS["llava"]
     repro = f"HF_HUB_OFFLINE=1: {checks.call(sixteen, load_in_4bit=True)}  # empty cache"
     checks.expect_offline_error(lambda: backend.FastVisionModel.from_pretrained(sixteen, load_in_4bit=True),
-                                names=(four,), repro=repro)  # fmt: skip
+                                names=(four,), repro=repro)
 
 
 @pytest.fixture
@@ -136,7 +136,7 @@ def test_full_finetuning_reads_the_16bit_original(backend, both_twins, model_id)
         model, repro = load_id(backend, "llava", name, full_finetuning=True)
     quantized = _language_linears(model, "llava", quantized=True)
     checks.check(not quantized, f"full finetuning loaded {len(quantized)} 4-bit linears, e.g. {quantized[:2]}",
-                 repro=repro)  # fmt: skip
+                 repro=repro)
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
     checks.check(not frozen, f"full finetuning left {len(frozen)} parameters frozen, e.g. {frozen[:2]}", repro=repro)
 
@@ -159,7 +159,7 @@ WEIGHT_FILES = {"config.json", "model.safetensors", "generation_config.json"}
 def weights_only(tmp_path):
     """A llava checkpoint directory without its processor files."""
     shutil.copytree(zoo.checkpoint("llava"), tmp_path / "weights",
-                    ignore=lambda _d, names: [n for n in names if n not in WEIGHT_FILES])  # fmt: skip
+                    ignore=lambda _d, names: [n for n in names if n not in WEIGHT_FILES])
     return tmp_path / "weights"
 
 
@@ -167,7 +167,7 @@ def _processor_from(backend, weights, tokenizer_name, **kwargs):
     repro = checks.call(weights, tokenizer_name=tokenizer_name, load_in_4bit=False, **kwargs)
     with checks.reproducing(repro):
         _, processor = backend.FastVisionModel.from_pretrained(weights, tokenizer_name=tokenizer_name,
-                                                               load_in_4bit=False, **kwargs)  # fmt: skip
+                                                               load_in_4bit=False, **kwargs)
     checks.check_equal(type(processor).__name__, FAMILIES["llava"].processor_class, "processor class", repro=repro)
 
 
@@ -184,14 +184,14 @@ def test_tokenizer_name_honours_cache_dir_and_revision(backend, tmp_path, weight
 
 @pytest.mark.parametrize("local_files_only", [False, True], ids=["HF_HUB_OFFLINE", "local_files_only"])
 def test_an_uncached_tokenizer_name_is_an_offline_error_naming_it(backend, hub_cache, monkeypatch, weights_only,
-                                                                  local_files_only):  # fmt: skip
+                                                                  local_files_only):
     if not local_files_only:
         _offline(monkeypatch)
     kwargs = {"local_files_only": True} if local_files_only else {}
     repro = checks.call(weights_only, tokenizer_name=UNCACHED_ID, **kwargs)
     seen = checks.expect_offline_error(
         lambda: backend.FastVisionModel.from_pretrained(weights_only, tokenizer_name=UNCACHED_ID, **kwargs),
-        names=("tokenizer_name",), repro=repro)  # fmt: skip
+        names=("tokenizer_name",), repro=repro)
     check_offline_error_message(seen.message, UNCACHED_ID, repro)
 
 
@@ -220,7 +220,7 @@ def test_a_local_directory_named_like_a_known_id_is_used_as_is(backend, hub_cach
 def check_offline_error_message(message: str, model_id: str, repro: str) -> None:
     checks.check(model_id in message, f"OfflineError does not name {model_id!r}: {message!r}", repro=repro)
     checks.check(any(r in message for r in REMEDIES),
-                 f"OfflineError does not say what to do (none of {REMEDIES}): {message!r}", repro=repro)  # fmt: skip
+                 f"OfflineError does not say what to do (none of {REMEDIES}): {message!r}", repro=repro)
 
 
 @pytest.mark.parametrize("local_files_only", [False, True], ids=["HF_HUB_OFFLINE", "and local_files_only"])
@@ -231,7 +231,7 @@ def test_an_uncached_id_offline_is_an_offline_error_at_once(backend, hub_cache, 
     repro = f"HF_HUB_OFFLINE=1: {checks.call(UNCACHED_ID, **kwargs)}"
     start = time.monotonic()
     seen = checks.expect_offline_error(lambda: backend.FastVisionModel.from_pretrained(UNCACHED_ID, **kwargs),
-                                       repro=repro)  # fmt: skip
+                                       repro=repro)
     elapsed = time.monotonic() - start
     checks.check(elapsed < OFFLINE_ERROR_WITHIN_S, f"OfflineError took {elapsed:.1f} s", repro=repro)
     check_offline_error_message(seen.message, UNCACHED_ID, repro)
@@ -262,13 +262,13 @@ def test_an_uncached_id_with_the_hub_unreachable_is_an_offline_error_at_once(bac
     env.pop("HF_HUB_CACHE", None)
     repro = f"HF_ENDPOINT=http://127.0.0.1:9 (no HF_HUB_OFFLINE): {checks.call(UNCACHED_ID)}"
     done = subprocess.run([sys.executable, "-c", _UNREACHABLE_HUB, backend.__name__, UNCACHED_ID], env=env,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+                          capture_output=True, text=True, timeout=300)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     checks.check(lines, f"the subprocess printed no result (rc {done.returncode}): {done.stderr[-2000:]}", repro=repro)
     seen = json.loads(lines[-1].removeprefix("RESULT "))
     checks.check(seen["raised"] is not None, "loading an uncached id with the hub unreachable returned", repro=repro)
     offline = "OSError" in seen["classes"] and "OfflineError" in seen["classes"]
     checks.check(offline, f"raised {seen['raised']}: {seen['message']!r}; expected OfflineError (an OSError)",
-                 repro=repro)  # fmt: skip
+                 repro=repro)
     checks.check(seen["elapsed"] < OFFLINE_ERROR_WITHIN_S, f"OfflineError took {seen['elapsed']:.1f} s", repro=repro)
     check_offline_error_message(seen["message"], UNCACHED_ID, repro)

@@ -54,7 +54,7 @@ def test_pad_token_is_set(loaded, family):
     tokenizer = tokenizer_of(loaded(family)[0])
     repro = loaded(family)[1]
     checks.check(tokenizer.pad_token is not None and tokenizer.pad_token_id is not None,
-                 f"no pad token: pad_token={tokenizer.pad_token!r}", repro=repro)  # fmt: skip
+                 f"no pad token: pad_token={tokenizer.pad_token!r}", repro=repro)
 
 
 @pytest.mark.parametrize("family", ALL)
@@ -87,7 +87,7 @@ def test_a_batch_is_left_padded_with_the_pad_token(loaded, family):
     checks.check(bool((mask == 0).any()), "the sample batch has no padding; it cannot show the side", repro=repro)
     # Left padding: each row's mask is 0...0 1...1, so it never decreases along the sequence.
     checks.check(bool((mask.diff(dim=1) >= 0).all()), f"padding is not on the left: attention_mask {mask.tolist()}",
-                 repro=repro)  # fmt: skip
+                 repro=repro)
     pad = tokenizer_of(processor).pad_token_id
     checks.check(bool((ids[mask == 0] == pad).all()), f"padded positions do not hold the pad token {pad}", repro=repro)
 

@@ -50,7 +50,7 @@ def expected_kinds(model: nn.Module, *, kind: str | None, quantized_roots, kept_
         and not _under_any(name, kept_roots)
         else KEEP
         for name, module in _holders(model)
-    }  # fmt: skip
+    }
 
 
 def fastvision_expectation(model: nn.Module, family: str, mode: str, quantize_vision: bool) -> dict[str, str]:
@@ -97,19 +97,19 @@ def check_placement(model, family: str, expected: dict[str, str], *, what: str, 
     modules = dict(_holders(model))
     reality = {name: observed_kind(module) for name, module in modules.items()}
     checks.check(reality == expected, f"{what}: loaded modules differ from docs/contract.md's placement, "
-                 f"{_diff(reality, expected)}", repro=repro)  # fmt: skip
+                 f"{_diff(reality, expected)}", repro=repro)
     checks.check(plan.kinds() == reality, f"{what}: model.quantization_plan differs from the loaded modules, "
-                 f"{_diff(plan.kinds(), reality)}", repro=repro)  # fmt: skip
+                 f"{_diff(plan.kinds(), reality)}", repro=repro)
     checks.check(len(plan.entries) == len(plan.kinds()), f"{what}: the plan lists a module twice", repro=repro)
     for entry in plan.entries:
         checks.check(bool(entry.reason and entry.reason.strip()), f"{what}: plan entry {entry.module} "
-                     f"({entry.kind}) has no reason", repro=repro)  # fmt: skip
+                     f"({entry.kind}) has no reason", repro=repro)
         actual_dtype = observed_dtype(modules[entry.module], _model_dtype(model, family))
         checks.check(_dtype_name(entry.dtype) == actual_dtype, f"{what}: plan says {entry.module} is "
-                     f"{entry.dtype}, the module is {actual_dtype}", repro=repro)  # fmt: skip
+                     f"{entry.dtype}, the module is {actual_dtype}", repro=repro)
     again = type(plan).from_json(plan.to_json())
     checks.check(again == plan and again.kinds() == plan.kinds(), f"{what}: the plan does not survive "
-                 "to_json/from_json", repro=repro)  # fmt: skip
+                 "to_json/from_json", repro=repro)
 
 
 def check_4bit_layers(model, *, quant_type: str, double_quant: bool, compute_dtype, what: str, repro: str):
@@ -117,12 +117,12 @@ def check_4bit_layers(model, *, quant_type: str, double_quant: bool, compute_dty
         if isinstance(module, bnb.nn.Linear4bit):
             state = module.weight.quant_state
             checks.check(state.quant_type == quant_type, f"{what}: {name} is {state.quant_type}, "
-                         f"expected {quant_type}", repro=repro)  # fmt: skip
+                         f"expected {quant_type}", repro=repro)
             nested = bool(getattr(state, "nested", False)) and getattr(state, "state2", None) is not None
             checks.check(nested == double_quant, f"{what}: {name} double quantization is {nested}, "
-                         f"expected {double_quant}", repro=repro)  # fmt: skip
+                         f"expected {double_quant}", repro=repro)
             checks.check(module.compute_dtype == compute_dtype, f"{what}: {name} computes in "
-                         f"{module.compute_dtype}, expected {compute_dtype}", repro=repro)  # fmt: skip
+                         f"{module.compute_dtype}, expected {compute_dtype}", repro=repro)
 
 
 def _model_dtype(model, family: str) -> torch.dtype:
@@ -150,7 +150,7 @@ def test_default_placement(backend, device, family, mode, quantize_vision):
     checks.check_equal(model.quantization_plan.mode, mode, f"{what}: plan mode", repro=repro)
     if mode == "4bit":
         check_4bit_layers(model, quant_type="nf4", double_quant=True, compute_dtype=_model_dtype(model, family),
-                          what=what, repro=repro)  # fmt: skip
+                          what=what, repro=repro)
 
 
 def _user_config(family: str, skip_vision: bool) -> BitsAndBytesConfig:
@@ -160,7 +160,7 @@ def _user_config(family: str, skip_vision: bool) -> BitsAndBytesConfig:
     record = families.FAMILIES[family]
     skip = [record.lm_head, f"{record.text_layers}.0.mlp"] + ([record.vision_tower] if skip_vision else [])
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_use_double_quant=False,
-                              bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=skip)  # fmt: skip
+                              bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=skip)
 
 
 @pytest.mark.parametrize("skip_vision", [True, False], ids=["user_skips_vision", "user_quantizes_vision"])
@@ -172,19 +172,19 @@ def test_user_quantization_config_wins(backend, device, family, skip_vision):
         model = _load(backend, zoo.checkpoint(family), device, quantization_config=config)
     embed = families.FAMILIES[family].embed_tokens
     expected = expected_kinds(model, kind="fp4", quantized_roots=[""],
-                              kept_roots=[*config.llm_int8_skip_modules, embed])  # fmt: skip
+                              kept_roots=[*config.llm_int8_skip_modules, embed])
     what = f"{family} with a user BitsAndBytesConfig (skip {config.llm_int8_skip_modules})"
     check_placement(model, family, expected, what=what, repro=repro)
     checks.check("user" in model.quantization_plan.source,
                  f"{what}: plan source is {model.quantization_plan.source!r}, not the user's config", repro=repro)
     checks.check_equal(model.quantization_plan.mode, "4bit", f"{what}: plan mode", repro=repro)
     check_4bit_layers(model, quant_type="fp4", double_quant=False, compute_dtype=torch.float32, what=what,
-                      repro=repro)  # fmt: skip
+                      repro=repro)
 
 
 def _saved_4bit(backend, family: str, device: str, folder) -> str:
     model, processor = backend.FastVisionModel.from_pretrained(str(zoo.checkpoint(family)), load_in_4bit=True,
-                                                               device_map=device)  # fmt: skip
+                                                               device_map=device)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return str(folder)
@@ -194,7 +194,7 @@ def _saved_4bit(backend, family: str, device: str, folder) -> str:
 def test_prequantized_checkpoint_keeps_its_quantization(backend, device, family, tmp_path):
     path = _saved_4bit(backend, family, device, tmp_path / "saved-4bit")
     repro = (f"{checks.call(checks.zoo_path(family), load_in_4bit=True, device_map=device)}[0].save_pretrained(d); "
-             f"{checks.call(checks.Raw('d'), load_in_4bit=False, device_map=device)}")  # fmt: skip
+             f"{checks.call(checks.Raw('d'), load_in_4bit=False, device_map=device)}")
     with checks.reproducing(repro):
         model = _load(backend, path, device, load_in_4bit=False)
     what = f"{family} 4-bit checkpoint reloaded with load_in_4bit=False"
@@ -203,4 +203,4 @@ def test_prequantized_checkpoint_keeps_its_quantization(backend, device, family,
                  f"{what}: plan source is {model.quantization_plan.source!r}, not the checkpoint", repro=repro)
     checks.check_equal(model.quantization_plan.mode, "4bit", f"{what}: plan mode", repro=repro)
     check_4bit_layers(model, quant_type="nf4", double_quant=True, compute_dtype=_model_dtype(model, family),
-                      what=what, repro=repro)  # fmt: skip
+                      what=what, repro=repro)

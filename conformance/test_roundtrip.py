@@ -33,9 +33,9 @@ def test_a_saved_4bit_model_reloads_the_same(backend, family, tmp_path):
     checks.check_equal(type(reprocessor).__name__, type(processor).__name__, "reloaded processor class", repro=repro)
     before, after = model.quantization_plan.kinds(), reloaded.quantization_plan.kinds()
     moved = {name: (before.get(name), after.get(name)) for name in set(before) | set(after)
-             if before.get(name) != after.get(name)}  # fmt: skip
+             if before.get(name) != after.get(name)}
     checks.check(not moved, f"placement changed in the round trip (before, after): {dict(list(moved.items())[:4])}",
-                 repro=repro)  # fmt: skip
+                 repro=repro)
     checks.check(set(before.values()) - {"keep"}, "the 4-bit plan quantizes nothing", repro=repro)
     checks.check_equal(got.shape, want.shape, "valid logits shape after the round trip", repro=repro)
     error = (got - want).abs().max().item()

@@ -68,7 +68,7 @@ def test_parameter_names_and_order(backend, entry):
     repro = f"inspect.signature({entry}.from_pretrained)"
     checks.check_equal(names, [name for name, _ in SIGNATURE], f"{entry}.from_pretrained parameters", repro=repro)
     checks.check(params[-1].kind is inspect.Parameter.VAR_KEYWORD,
-                 f"{entry}.from_pretrained does not end with **kwargs: {params[-1]}", repro=repro)  # fmt: skip
+                 f"{entry}.from_pretrained does not end with **kwargs: {params[-1]}", repro=repro)
 
 
 @pytest.mark.parametrize("entry", ENTRIES)
@@ -76,9 +76,9 @@ def test_parameters_are_positional_or_keyword(backend, entry):
     # Unsloth's parameters can all be passed by position; code that does must keep working.
     params = _signature(backend, entry).parameters.values()
     wrong = [f"{p.name} ({p.kind.description})" for p in params
-             if p.kind not in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.VAR_KEYWORD)]  # fmt: skip
+             if p.kind not in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.VAR_KEYWORD)]
     checks.check(not wrong, f"{entry}.from_pretrained parameters not positional-or-keyword: {wrong}",
-                 repro=f"inspect.signature({entry}.from_pretrained)")  # fmt: skip
+                 repro=f"inspect.signature({entry}.from_pretrained)")
 
 
 @pytest.mark.parametrize("entry", ENTRIES)
@@ -90,7 +90,7 @@ def test_defaults(backend, entry):
         if name in params and not _same(params[name].default, default)
     ]
     checks.check(not wrong, f"{entry}.from_pretrained defaults differ from docs/contract.md: {wrong}",
-                 repro=f"inspect.signature({entry}.from_pretrained)")  # fmt: skip
+                 repro=f"inspect.signature({entry}.from_pretrained)")
 
 
 def test_positional_arguments_land_in_their_parameters(backend):
@@ -129,14 +129,14 @@ def test_entry_points_delegate_to_fast_base_model(backend, entry, monkeypatch):
     call = checks.call(checks.zoo_path("llava"), entry, max_seq_length=77)
     repro = f"patch FastBaseModel.from_pretrained, then {call}"
     checks.check(len(calls) == 1, f"{entry}.from_pretrained called FastBaseModel.from_pretrained {len(calls)} times",
-                 repro=repro)  # fmt: skip
+                 repro=repro)
     checks.check(result is sentinel, f"{entry}.from_pretrained did not return FastBaseModel's result", repro=repro)
 
 
 def test_suite_knows_every_zoo_family():
     # The suite's family records and the zoo must name the same families, or some go untested.
     checks.check_equal(set(families.NAMES), set(zoo.FAMILIES), "conformance.families vs zoo.FAMILIES",
-                       repro="from conformance import families, zoo")  # fmt: skip
+                       repro="from conformance import families, zoo")
 
 
 # The contract document ships in the repository beside the packages; the suite keeps its signature true.
@@ -155,16 +155,16 @@ def test_the_documented_signature_is_the_contract():
     repro = "conformance.test_signature.documented_signature(open('docs/contract.md').read())"
     documented = documented_signature(CONTRACT_DOC.read_text())
     checks.check_equal([name for name, _ in documented], [name for name, _ in SIGNATURE],
-                       "parameters in docs/contract.md", repro=repro)  # fmt: skip
+                       "parameters in docs/contract.md", repro=repro)
     wrong = [f"{name}: {text} (contract: {default!r})" for (name, text), (_, default) in zip(documented, SIGNATURE)
-             if not text.startswith("<") and not _same(ast.literal_eval(text), default)]  # fmt: skip
+             if not text.startswith("<") and not _same(ast.literal_eval(text), default)]
     checks.check(not wrong, f"defaults in docs/contract.md differ from the contract: {wrong}", repro=repro)
 
 
 def test_help_points_to_the_shipped_contract(backend):
     doc = inspect.getdoc(backend.FastBaseModel.from_pretrained) or ""
     checks.check("docs/contract.md" in doc, f"help(FastBaseModel.from_pretrained) does not point to docs/contract.md: "
-                 f"{doc!r}", repro="help(FastBaseModel.from_pretrained)")  # fmt: skip
+                 f"{doc!r}", repro="help(FastBaseModel.from_pretrained)")
 
 
 def documented_peft_signature(text: str) -> list[tuple[str, str]]:
@@ -194,4 +194,4 @@ def test_get_peft_model_has_the_documented_signature(backend, entry):
             wrong.append(f"{name}: {got!r} (contract: {text})")
     checks.check(not wrong, f"{entry}.get_peft_model defaults differ from docs/contract.md: {wrong}", repro=repro)
     checks.check(params[-1].kind is inspect.Parameter.VAR_KEYWORD, "get_peft_model does not end with **kwargs",
-                 repro=repro)  # fmt: skip
+                 repro=repro)

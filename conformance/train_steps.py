@@ -44,7 +44,7 @@ def train(args: argparse.Namespace):
     model, processor = backend.FastVisionModel.from_pretrained(
         str(zoo.checkpoint(args.family)), load_in_4bit=True, max_seq_length=MAX_SEQ_LENGTH,
         use_gradient_checkpointing="unsloth",
-    )  # fmt: skip
+    )
     model = backend.FastVisionModel.get_peft_model(model, r=8, lora_alpha=16, lora_dropout=0, random_state=3407)
     backend.FastVisionModel.for_training(model)
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -64,7 +64,7 @@ def train(args: argparse.Namespace):
             remove_unused_columns=False, dataset_text_field="", dataset_kwargs={"skip_prepare_dataset": True},
             max_length=MAX_SEQ_LENGTH, use_cpu=not on_gpu, bf16=on_gpu, disable_tqdm=True,
         ),
-    )  # fmt: skip
+    )
     trainer.train()
     if trainer.is_world_process_zero():
         model.save_pretrained(args.out)

@@ -508,7 +508,7 @@ def _quantize(family: str, source: pathlib.Path, out: pathlib.Path) -> None:
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=torch.float32,
         llm_int8_skip_modules=[family_record.vision_tower, family_record.projector, family_record.lm_head],
-    )  # fmt: skip
+    )
     model = AutoModelForImageTextToText.from_pretrained(source, quantization_config=config, device_map="cpu")
     model.save_pretrained(out)
     for file in source.iterdir():

@@ -92,17 +92,17 @@ def apply_rotary(q, k, cos, sin, unsqueeze_dim=1):
 
 
 def causal_lm_loss(logits, labels, vocab_size, num_items_in_batch=None, ignore_index=-100, shift_labels=None,
-                   **kwargs):  # fmt: skip
+                   **kwargs):
     return _on_kernel("cross_entropy", "causal_lm_loss", logits, labels, in_input_dtype=False, vocab_size=vocab_size,
                       num_items_in_batch=num_items_in_batch, ignore_index=ignore_index, shift_labels=shift_labels,
-                      **kwargs)  # fmt: skip
+                      **kwargs)
 
 
 def linear_causal_lm_loss(hidden, weight, labels, vocab_size, num_items_in_batch=None, ignore_index=-100,
-                          shift_labels=None, **kwargs):  # fmt: skip
+                          shift_labels=None, **kwargs):
     return _on_kernel("linear_cross_entropy", "linear_causal_lm_loss", hidden, weight, labels, in_input_dtype=False,
                       vocab_size=vocab_size, num_items_in_batch=num_items_in_batch, ignore_index=ignore_index,
-                      shift_labels=shift_labels, **kwargs)  # fmt: skip
+                      shift_labels=shift_labels, **kwargs)
 
 
 def lora_linear(x, weight, quant_state, bias, lora_A, lora_B, scaling):

@@ -219,7 +219,7 @@ class AttentionRegistration(SharedChange):
         self.key, self.op, self.mask_builder = key, op, mask_builder
         self._entries: tuple[SharedChange, ...] | None = None
         super().__init__(f"attention key {key}", lambda: together(key, *self.entries())[0](),
-                         lambda: together(key, *self.entries())[1]())  # fmt: skip
+                         lambda: together(key, *self.entries())[1]())
 
     def entries(self) -> tuple[SharedChange, ...]:
         if self._entries is None:
@@ -227,9 +227,9 @@ class AttentionRegistration(SharedChange):
             from transformers.modeling_utils import AttentionInterface
 
             attention = mapping_entry(AttentionInterface._global_mapping, self.key, make_attention_forward(self.op),
-                                      f"attention {self.key}")  # fmt: skip
+                                      f"attention {self.key}")
             mask = mapping_entry(masking_utils.AttentionMaskInterface._global_mapping, self.key, self.mask_builder,
-                                 f"mask {self.key}")  # fmt: skip
+                                 f"mask {self.key}")
             self._entries = (attention, mask)
         return self._entries
 

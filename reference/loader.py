@@ -99,7 +99,7 @@ def _prepare(request: LoadRequest) -> LoadDecision:
     skeleton = _skeleton(request, config)
     if source != "checkpoint quantization_config":  # pre-quantized weights are packed: other shapes
         weights = checkpoint.weight_files(_weights_dir(model, hub), variant=hub.get("variant"),
-                                          use_safetensors=request.use_safetensors)  # fmt: skip
+                                          use_safetensors=request.use_safetensors)
         checkpoint.check_against_model(weights, skeleton, model.path)
     expected = None
     if source == "fastvision":
@@ -107,7 +107,7 @@ def _prepare(request: LoadRequest) -> LoadDecision:
     device_map, placed = placement.decide(
         request.device_map, on_gpu=on_gpu, max_memory=request.kwargs.get("max_memory"), skeleton=skeleton,
         family=family, mode=mode, dtype=dtype, plan=expected,
-    )  # fmt: skip
+    )
     placement.check_offload(device_map, mode, request.kwargs.get("offload_folder"))
     notes = tuple(dict.fromkeys(n for n in (model.note, processor_source.note, *placed) if n))
     return LoadDecision(
@@ -116,7 +116,7 @@ def _prepare(request: LoadRequest) -> LoadDecision:
         device_map=device_map, placement_notes=placed,
         quantization_config=_quantization_config(request, mode, source, family, dtype), expected_plan=expected,
         adapter=adapter, notes=notes,
-    )  # fmt: skip
+    )
 
 
 def _resolve_sources(request: LoadRequest, requested: str, hub: dict):
@@ -158,7 +158,7 @@ def _read_config(request: LoadRequest, model: naming.ResolvedName):
         raise CheckpointError(
             model.path / "config.json", f"transformers cannot read it ({type(error).__name__}: {error})",
             "Use the config.json that came with the checkpoint.",
-        ) from error  # fmt: skip
+        ) from error
 
 
 def _check_config(request: LoadRequest, config) -> FamilySpec:
@@ -184,7 +184,7 @@ def _decide_mode(request: LoadRequest, requested: str, config, model: naming.Res
                 "full_finetuning", True, "False for a checkpoint that is quantized already",
                 f"{model.name} holds {mode_of_quantization_config(quantized)} weights, which cannot be trained "
                 "in full; pass its 16-bit original.",
-            )  # fmt: skip
+            )
         return mode_of_quantization_config(quantized), "checkpoint quantization_config"
     if request.kwargs.get("quantization_config") is not None and requested != "full":
         return requested, "user quantization_config"
@@ -256,13 +256,13 @@ def _load_processor(decision: LoadDecision):
     failure = None
     try:
         return load_processor(source.path, token=decision.request.token,
-                              trust_remote_code=decision.request.trust_remote_code)  # fmt: skip
+                              trust_remote_code=decision.request.trust_remote_code)
     except (OSError, ValueError, KeyError, TypeError, AttributeError, ImportError) as error:
         failure = f"{type(error).__name__}: {error}"
     raise CheckpointError(
         source.path, f"its processor files cannot be loaded ({failure})",
         f"Pass {argument}= a folder or hub id that holds the model's tokenizer and preprocessor files.",
-    )  # fmt: skip
+    )
 
 
 # ---------------------------------------------------------------------------- the weights
@@ -308,7 +308,7 @@ def _load_weights(decision: LoadDecision, backend: Backend):
             return model
     _free_device_memory()
     raise CheckpointError(decision.model.path, f"transformers could not load it ({failure})",
-                                     checkpoint.FRESH_DOWNLOAD)  # fmt: skip
+                                     checkpoint.FRESH_DOWNLOAD)
 
 
 def _rejected_keyword(error: TypeError, kwargs: dict) -> str | None:

@@ -151,7 +151,7 @@ def _snapshot(
         pass
     except hub_errors.HFValidationError as error:
         raise CheckpointError(f"{argument}={name!r}", f"is neither a directory nor a hub id ({error})",
-                              "Pass a local checkpoint directory or a hub id 'owner/name'.") from None  # fmt: skip
+                              "Pass a local checkpoint directory or a hub id 'owner/name'.") from None
     if is_offline(local_files_only):
         why = "local_files_only=True" if local_files_only else "HF_HUB_OFFLINE is set"
         raise OfflineError(name, why, argument) from None

@@ -73,7 +73,7 @@ def decide(device_map, *, on_gpu: bool, max_memory, skeleton, family: FamilySpec
         inferred = infer(device_map, skeleton, family, mode=mode, dtype=dtype, plan=plan, max_memory=max_memory)
         devices = ", ".join(dict.fromkeys(str(d) for d in inferred.values()))
         return inferred, (f"device_map={device_map!r} placed the model over {devices} through accelerate, the "
-                          "vision tower and projector on one device (model.device_placement)",)  # fmt: skip
+                          "vision tower and projector on one device (model.device_placement)",)
     if not on_gpu and not isinstance(device_map, dict):
         return "cpu", ()
     return device_map, ()
@@ -86,7 +86,7 @@ def check_offload(device_map, mode: str, offload_folder) -> None:
         return
     if mode in ("4bit", "8bit", "quantized"):
         raise ArgumentValueError("device_map", device_map, f"a map without 'disk' for a {mode} load",
-                                 "Quantized weights cannot be offloaded to disk; load_in_16bit=True can.")  # fmt: skip
+                                 "Quantized weights cannot be offloaded to disk; load_in_16bit=True can.")
     if offload_folder is None:
         raise ArgumentValueError("offload_folder", None, "a directory, since device_map puts modules on 'disk'")
 
@@ -96,10 +96,10 @@ def _rank_map(local: int, world: int, *, on_gpu: bool):
         raise ArgumentValueError(
             "device_map", DEFAULT, f"a map for LOCAL_RANK={local}: only {torch.cuda.device_count()} GPUs are visible",
             "Launch at most one rank per GPU, or pass device_map= explicitly.",
-        )  # fmt: skip
+        )
     target = f"cuda:{local}" if on_gpu else "cpu"
     note = (f"device_map={{'': {target!r}}}: launched as local rank {local} of {world} (LOCAL_RANK, WORLD_SIZE), "
-            "each rank loads its own copy; pass device_map= to place it otherwise")  # fmt: skip
+            "each rank loads its own copy; pass device_map= to place it otherwise")
     return {"": target}, (note,)
 
 
@@ -115,7 +115,7 @@ def infer(strategy: str, skeleton, family: FamilySpec, *, mode: str, dtype, plan
         memory = get_max_memory(max_memory)
     else:
         memory = get_balanced_memory(skeleton, max_memory, no_split_module_classes=no_split,
-                                     low_zero=strategy == "balanced_low_0", **sizes)  # fmt: skip
+                                     low_zero=strategy == "balanced_low_0", **sizes)
     if mode in ("4bit", "8bit"):
         memory = {device: int(size * QUANTIZED_MEMORY_FRACTION) for device, size in memory.items()}
     device_map = infer_auto_device_map(skeleton, max_memory=memory, no_split_module_classes=no_split, **sizes)
@@ -132,7 +132,7 @@ def _sizes(skeleton, mode: str, dtype, plan: QuantPlan | None) -> dict:
         return {"dtype": dtype}
     kept = {entry.module for entry in plan.entries if entry.kind == "keep"}
     special = {f"{module}.{name}": dtype for module in kept
-               for name, _ in skeleton.get_submodule(module).named_parameters(recurse=False)}  # fmt: skip
+               for name, _ in skeleton.get_submodule(module).named_parameters(recurse=False)}
     return {"dtype": quantized, "special_dtypes": special}
 
 
@@ -155,7 +155,7 @@ def observed(model, family: FamilySpec, notes: tuple[str, ...]) -> Placement:
     if not device_map:
         device_map = {"": next(model.parameters()).device}
     entries = tuple((module, _device_name(device), part_of(module, family) if module else "whole model")
-                    for module, device in device_map.items())  # fmt: skip
+                    for module, device in device_map.items())
     return Placement(entries=entries, notes=notes)
 
 

@@ -97,7 +97,7 @@ def _keep_checkpointing(model: nn.Module, *args, **kwargs) -> None:
     mode = model.fastvision_checkpointing
     adapters_to_fp32(p for name, p in model.named_parameters() if p.requires_grad and "lora_" in name)
     logger.info("fastvision: the trainer turned gradient checkpointing on; keeping use_gradient_checkpointing=%r "
-                "(its %s are not used)", mode, "arguments" if args or kwargs else "defaults")  # fmt: skip
+                "(its %s are not used)", mode, "arguments" if args or kwargs else "defaults")
     _apply_checkpointing(model, mode)
 
 

@@ -32,7 +32,7 @@ from reference.ops.attention import AttentionSpec
 H100 = GPUTarget("cuda", 90, 128)
 H100_SHARED_MEMORY = 227 * 1024  # bytes a block may use on sm_90 (cudaDevAttrMaxSharedMemoryPerBlockOptin)
 POINTER_TYPES = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.int32: "*i32",
-                 torch.int64: "*i64", torch.bool: "*i1", torch.uint8: "*u8"}  # fmt: skip
+                 torch.int64: "*i64", torch.bool: "*i1", torch.uint8: "*u8"}
 
 
 def _signature(kernel, args, kwargs) -> tuple[dict, dict]:
@@ -88,7 +88,7 @@ def _compiled_in_child(dtype: str, head_dim: int) -> dict:
     path = os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])
     env = os.environ | {"TRITON_INTERPRET": "0", "PYTHONPATH": path}
     child = subprocess.run([sys.executable, __file__, dtype, str(head_dim)], env=env, capture_output=True,
-                           text=True, timeout=900, check=False)  # fmt: skip
+                           text=True, timeout=900, check=False)
     assert child.returncode == 0, child.stderr[-3000:]
     return json.loads(child.stdout.strip().splitlines()[-1])
 

@@ -42,7 +42,7 @@ def test_a_baseline_gate_names_the_layer_that_got_worse(tmp_path, capsys):
     good, broken = tmp_path / "good.json", tmp_path / "broken.json"
     assert cli.main(["audit", "--family", "llava", "--backend", "reference", "--json", str(good)]) == 0
     code = cli.main(["audit", "--family", "llava", "--backend", "tests.broken_backends.one_norm_epsilon",
-                     "--baseline", str(good), "--json", str(broken)])  # fmt: skip
+                     "--baseline", str(good), "--json", str(broken)])
     output = capsys.readouterr().out
     assert code == 1
     assert "FAIL against" in output and "model.language_model.layers.1: error" in output, output[-2000:]

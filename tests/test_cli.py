@@ -78,7 +78,7 @@ def test_help_and_version_need_no_torch():
 
     code = ("import sys; from conformance import cli\n"
             "try:\n    cli.main(['--version'])\nexcept SystemExit:\n    pass\n"
-            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")  # fmt: skip
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.stdout.strip().endswith("[]"), done.stdout + done.stderr
     assert "fastvision" in done.stdout

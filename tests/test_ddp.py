@@ -31,11 +31,11 @@ def _env() -> dict:
 
 def _train(out: Path, *, ranks: int, backend: str = "reference") -> dict:
     step = ["-m", "conformance.train_steps", "--backend", backend, "--out", str(out),
-            "--per-device-batch", str(4 // ranks)]  # fmt: skip
+            "--per-device-batch", str(4 // ranks)]
     # --standalone: a free rendezvous port, so two test runs on one machine cannot meet each other.
     launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"] if ranks > 1 else []
     done = subprocess.run([sys.executable, *launcher, *step], cwd=out.parent, env=_env(), capture_output=True,
-                          text=True, timeout=TIMEOUT_S)  # fmt: skip
+                          text=True, timeout=TIMEOUT_S)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     assert f"world size {ranks}" in done.stdout, done.stdout[-2000:]
     return load_file(out / "adapter_model.safetensors")

@@ -57,7 +57,7 @@ def test_the_worker_steps_data_parallel_on_two_gloo_ranks(tmp_path):
     torch.save(dict(inputs.image_batch(AutoProcessor.from_pretrained(model_dir))), batch_file)
     command = _finetune().worker_command(CONTENDER, model_dir, batch_file, ARGS, gpus=2)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}  # fmt: skip
+           "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
     results = [json.loads(line[7:]) for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     assert done.returncode == 0 and len(results) == 1, (done.stdout + done.stderr)[-3000:]  # rank 0 reports

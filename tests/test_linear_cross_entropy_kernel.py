@@ -69,7 +69,7 @@ def check_parity(problem: Problem):
     ours = _loss_and_grads(linear_causal_lm_loss, hidden, weight, labels, items, chunk_rows=problem.chunk_rows)
     theirs = _loss_and_grads(reference_loss, hidden, weight, labels, items)
     leaves = [hidden.detach().double().requires_grad_(True),
-              weight.detach().double().requires_grad_(problem.head_trains)]  # fmt: skip
+              weight.detach().double().requires_grad_(problem.head_trains)]
     exact = _loss_and_grads(reference_loss, *leaves, labels, items)
     if not (labels[:, 1:] != -100).any():  # nothing counts: zero gradients; 0 / 0 = NaN as transformers gives
         assert all(g.eq(0).all() for g in ours[1]), problem

@@ -95,7 +95,7 @@ def test_a_hundred_loads_of_every_family_leave_nothing_behind():
     # One thread: 1,000 loads take ~70 s alone, but 385 s beside another pytest-xdist worker when torch's two
     # intra-op threads contend with it for the two cores.
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), *sys.path])}  # fmt: skip
+           "PYTHONPATH": os.pathsep.join([str(ROOT), *sys.path])}
     env.pop("TRITON_INTERPRET", None)  # loads only: no kernel runs
     done = subprocess.run(
         [sys.executable, "-c", _SCRIPT, str(LOADS), str(WARMUP)],

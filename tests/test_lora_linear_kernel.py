@@ -74,7 +74,7 @@ def check_parity(problem: Problem, scaling: float = 2.0):
     base = dequantized(weight, quant_state).double()
     leaves = [x.detach().double().requires_grad_(problem.input_grad), base, None, None if bias is None else
               bias.double(), lora_A.detach().double().requires_grad_(True),
-              lora_B.detach().double().requires_grad_(True)]  # fmt: skip
+              lora_B.detach().double().requires_grad_(True)]
     exact = _run(reference_lora_linear, *leaves, scaling)
     names = ["out"] + (["d(x)"] if problem.input_grad else []) + ["d(lora_A)", "d(lora_B)"]
     for name, got, twin, truth in zip(names, ours, theirs, exact):

@@ -74,7 +74,7 @@ def _fused_op_calls():
     return {"rmsnorm": ("rms_norm", (x, torch.randn(16), 1e-6)),
             "gated_activation": ("gated_activation", (gate, x, "silu")),
             "rope": ("apply_rotary", (q, k, cos, sin)),
-            "cross_entropy": ("causal_lm_loss", (x, torch.randint(0, 16, (3, 5)), 16))}  # fmt: skip
+            "cross_entropy": ("causal_lm_loss", (x, torch.randint(0, 16, (3, 5)), 16))}
 
 
 @pytest.mark.parametrize("name", ["rmsnorm", "gated_activation", "rope", "cross_entropy"])
@@ -118,7 +118,7 @@ def test_a_reference_model_loaded_after_an_optimized_one_is_untouched(kernel_cal
 
 
 FUSED = {"rmsnorm": "rms_norm", "gated_activation": "gated_activation", "rope": "apply_rotary",
-         "cross_entropy": "causal_lm_loss", "linear_cross_entropy": "linear_causal_lm_loss"}  # fmt: skip
+         "cross_entropy": "causal_lm_loss", "linear_cross_entropy": "linear_causal_lm_loss"}
 
 
 @pytest.fixture
@@ -227,7 +227,7 @@ def _lora_logits_and_grads(model, batch):
     logits[batch["attention_mask"].bool()].logsumexp(-1).mean().backward()
     # Llava reads the vision tower's second-to-last layer: the last one's adapters get no gradient.
     return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
-                             if "lora_" in n and p.grad is not None}  # fmt: skip
+                             if "lora_" in n and p.grad is not None}
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "llava", "gemma3"])

@@ -22,12 +22,12 @@ LATER_LAYERS_ON_DISK = {
     VISION: "cpu", PROJECTOR: "cpu", "model.language_model.embed_tokens": "cpu",
     "model.language_model.layers.0": "cpu", "model.language_model.layers.1": "disk",
     "model.language_model.norm": "disk", "model.language_model.rotary_emb": "cpu", "lm_head": "cpu",
-}  # fmt: skip
+}
 
 
 def _load(**kwargs):
     return FastVisionModel.from_pretrained(str(zoo.checkpoint("llava")), load_in_4bit=False, load_in_16bit=True,
-                                           **kwargs)  # fmt: skip
+                                           **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +91,6 @@ def test_on_gpus_each_rank_gets_its_own(monkeypatch):
 def test_disk_offload_needs_16_bit_weights_and_an_offload_folder(tmp_path):
     with pytest.raises(ArgumentValueError, match="device_map.*without 'disk' for a 4bit load"):
         FastVisionModel.from_pretrained(str(zoo.checkpoint("llava")), device_map=LATER_LAYERS_ON_DISK,
-                                        offload_folder=str(tmp_path))  # fmt: skip
+                                        offload_folder=str(tmp_path))
     with pytest.raises(ArgumentValueError, match="offload_folder"):
         _load(device_map=LATER_LAYERS_ON_DISK)

@@ -25,7 +25,7 @@ def test_the_fine_tune_section_runs_as_written(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT), *sys.path])}
     done = subprocess.run([sys.executable, "-c", fine_tune_block()], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=TIMEOUT_S)  # fmt: skip
+                          text=True, timeout=TIMEOUT_S)
     assert done.returncode == 0, done.stderr[-4000:]
     merged = tmp_path / "merged_model"
     assert (merged / "config.json").is_file() and any(merged.glob("*.safetensors")), sorted(os.listdir(tmp_path))
@@ -44,13 +44,13 @@ def test_the_several_gpus_section_runs_as_written(tmp_path):
     (~25 s). `.venv/bin/` is the environment running the tests."""
     python, bash = several_gpus_blocks()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), *sys.path])}  # fmt: skip
+           "PYTHONPATH": os.pathsep.join([str(ROOT), *sys.path])}
     placed = subprocess.run([sys.executable, "-c", python], cwd=tmp_path, env=env, capture_output=True, text=True,
-                            timeout=TIMEOUT_S)  # fmt: skip
+                            timeout=TIMEOUT_S)
     assert placed.returncode == 0, placed.stderr[-4000:]
     assert "disk" in placed.stdout and "model.vision_tower" in placed.stdout, placed.stdout
     command = bash.strip().replace(".venv/bin/", f"{Path(sys.executable).parent}/")
     trained = subprocess.run(command, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True,
-                             timeout=TIMEOUT_S)  # fmt: skip
+                             timeout=TIMEOUT_S)
     assert trained.returncode == 0, (trained.stdout + trained.stderr)[-4000:]
     assert (tmp_path / "ddp_lora" / "adapter_model.safetensors").is_file() and "world size 2" in trained.stdout

@@ -42,7 +42,7 @@ SUBPROCESS_TIMEOUT_S = 300
 
 def run_suite(backend: str, modules, selection: str) -> tuple[int, str]:
     command = [sys.executable, "-m", "pytest", "--pyargs", *(f"conformance.{m}" for m in modules),
-               "--backend", backend, "-k", selection, "-q", "-p", "no:cacheprovider", "-x"]  # fmt: skip
+               "--backend", backend, "-k", selection, "-q", "-p", "no:cacheprovider", "-x"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT), *sys.path])}
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S)

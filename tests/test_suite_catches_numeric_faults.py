@@ -31,12 +31,12 @@ FAULTS = {
 MODEL_FAULTS = {
     "ignores_left_padding": ("test_16bit_logits_and_grads and llava and left_padded_batch",
                              ["llava left_padded_batch", "logits differ from transformers' fp32 eager model"]),
-}  # fmt: skip
+}
 
 
 def run_suite(backend: str, selection: str) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "pytest", "--pyargs", "conformance", "--backend", backend, "-k", selection,
-               "-q", "-p", "no:cacheprovider", "-x"]  # fmt: skip
+               "-q", "-p", "no:cacheprovider", "-x"]
     path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": path}  # one thread: see test_load_lifecycle

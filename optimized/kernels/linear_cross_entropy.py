@@ -41,11 +41,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), device=hidden.device, dtype=torch.float32)
         grad_hidden = torch.empty_like(hidden)
         grad_weight = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) \
-            if ctx.needs_input_grad[1] else None  # fmt: skip
+            if ctx.needs_input_grad[1] else None
         for start in range(0, hidden.shape[0], chunk_rows):
             rows = slice(start, start + chunk_rows)
             total += _chunk(hidden[rows], weight, targets[rows], scale, ignore_index, blocks, grad_hidden[rows],
-                            grad_weight)  # fmt: skip
+                            grad_weight)
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         return total * scale
@@ -93,7 +93,7 @@ def linear_causal_lm_loss(
     del kwargs
     if weight.shape[0] != vocab_size or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"weight must be (vocab_size={vocab_size}, hidden={hidden.shape[-1]}); got "
-                         f"{tuple(weight.shape)}")  # fmt: skip
+                         f"{tuple(weight.shape)}")
     if shift_labels is None:
         shift_labels = shifted_labels(labels, ignore_index)
     targets = shift_labels.reshape(-1).to(hidden.device)
@@ -109,7 +109,7 @@ def linear_causal_lm_loss(
     chunk_rows = chunk_rows or rows_per_chunk(vocab_size, weight.dtype)
     with torch.autocast(hidden.device.type, enabled=False):  # the chunks' matmuls write into given outputs
         return _LinearCrossEntropy.apply(rows.contiguous(), weight, targets[counted].contiguous(), scale.float(),
-                                         int(ignore_index), chunk_rows, default_blocks(hidden.device))  # fmt: skip
+                                         int(ignore_index), chunk_rows, default_blocks(hidden.device))
 
 
 __all__ = ["CHUNK_BYTES", "linear_causal_lm_loss", "rows_per_chunk"]

@@ -61,7 +61,7 @@ def lora_linear(x, weight, quant_state, bias, lora_A, lora_B, scaling: float) ->
     shape = x.shape
     with torch.autocast(x.device.type, enabled=False):
         out = _LoraLinear.apply(x.reshape(-1, shape[-1]), weight, quant_state, bias, lora_A, lora_B, float(scaling),
-                                dtype)  # fmt: skip
+                                dtype)
     return out.reshape(*shape[:-1], out.shape[-1]).to(x.dtype)
 
 

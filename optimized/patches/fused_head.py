@@ -36,14 +36,14 @@ def fits(model) -> bool:
     head = getattr(model, "lm_head", None)
     text = model.config.get_text_config()
     return type(head) is torch.nn.Linear and head.bias is None and \
-        not any(getattr(text, name, None) not in (None, 1, 1.0) for name in _LOGIT_TRANSFORMS)  # fmt: skip
+        not any(getattr(text, name, None) not in (None, 1, 1.0) for name in _LOGIT_TRANSFORMS)
 
 
 def fuses(model, kwargs: dict) -> bool:
     """The one decision, per call: this forward computes its loss without logits."""
     return (kwargs.get("labels") is not None and model.training and torch.is_grad_enabled()
             and not kwargs.get("logits_to_keep") and kwargs.get("return_dict") is not False
-            and type(model.lm_head) is torch.nn.Linear)  # fmt: skip
+            and type(model.lm_head) is torch.nn.Linear)
 
 
 def _forward(model, *args, **kwargs):

@@ -31,7 +31,7 @@ from reference.shared_state import SharedChange, module_attribute
 
 # RMSNorm classes -> Gemma3 style (fp32 `x * (1 + w)` before the cast) or Llama style (cast, then `w *`).
 NORM_CLASSES = {"LlamaRMSNorm": False, "MistralRMSNorm": False, "PixtralRMSNorm": False, "Qwen2RMSNorm": False,
-                "Qwen2VLRMSNorm": False, "Qwen2_5_VLRMSNorm": False, "Gemma3RMSNorm": True}  # fmt: skip
+                "Qwen2VLRMSNorm": False, "Qwen2_5_VLRMSNorm": False, "Gemma3RMSNorm": True}
 # Gated MLPs whose forward is exactly down_proj(act_fn(gate_proj(x)) * up_proj(x)).
 GATED_MLP_CLASSES = ("LlamaMLP", "MistralMLP", "PixtralMLP", "Qwen2MLP", "Qwen2_5_VLMLP", "Gemma3MLP")
 # Activation modules by class name (transformers' ACT2FN classes; nn.SiLU for "swish") -> the kernel's name.
@@ -88,7 +88,7 @@ def _hold_rotary_globals(model) -> list:
 def _calls_rotary(module, modeling_modules) -> bool:
     forward = inspect.unwrap(type(module).forward)  # decorators (e.g. deprecate_kwarg) wrap it
     return any(forward.__globals__ is m.__dict__ for m in modeling_modules) and \
-        "apply_rotary_pos_emb" in forward.__code__.co_names  # fmt: skip
+        "apply_rotary_pos_emb" in forward.__code__.co_names
 
 
 def patch(model) -> list:

@@ -52,7 +52,7 @@ def _fused_forward(module, x, *args, **kwargs):
     weight, quant_state = _base_tensors(base)
     name = active[0]
     return ops.lora_linear(x, weight, quant_state, base.bias, module.lora_A[name].weight, module.lora_B[name].weight,
-                           module.scaling[name])  # fmt: skip
+                           module.scaling[name])
 
 
 def _on_adapters(model, peft_model) -> None:

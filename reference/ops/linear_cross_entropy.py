@@ -28,7 +28,7 @@ def linear_causal_lm_loss(
     labels (...), as transformers' lm_head + ForCausalLMLoss. `kwargs` are ignored, as transformers does."""
     del kwargs
     return causal_lm_loss(F.linear(hidden, weight), labels, vocab_size, num_items_in_batch, ignore_index,
-                          shift_labels)  # fmt: skip
+                          shift_labels)
 
 
 __all__ = ["linear_causal_lm_loss"]

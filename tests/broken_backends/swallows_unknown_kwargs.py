@@ -3,7 +3,7 @@
 from tests.broken_backends._wrap import broken_backend
 
 KNOWN = {"quantization_config", "attn_implementation", "revision", "cache_dir", "local_files_only", "subfolder",
-         "variant", "quantize_vision"}  # fmt: skip
+         "variant", "quantize_vision"}
 
 
 def _drop_unknown(arguments: dict) -> dict:
