@@ -1,8 +1,9 @@
 """The "unsloth" checkpointing function: the same gradients as no checkpointing, dropout replayed
-exactly, the saved layer input held in host memory, and a graph DDP can walk."""
+exactly, the saved layer input held in host memory, and under a process group a graph DDP can walk."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from reference import training
@@ -29,14 +30,22 @@ def _grads(run):
     return hidden.grad, block.linear.weight.grad
 
 
-def test_offloaded_checkpoint_gives_the_gradients_of_no_checkpointing():
+@pytest.fixture(params=[False, True], ids=["one process", "under a process group"])
+def process_group(request, monkeypatch):
+    """Both implementations: outside DDP the layer is replayed from its input, under a process group its
+    graph is recorded."""
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: request.param)
+    return request.param
+
+
+def test_offloaded_checkpoint_gives_the_gradients_of_no_checkpointing(process_group):
     plain = _grads(lambda block, hidden: block(hidden, scale=2.0))
     offloaded = _grads(lambda block, hidden: offloaded_checkpoint(block.forward, hidden, scale=2.0))
     for a, b in zip(plain, offloaded):
         assert torch.equal(a, b)  # same ops, same dropout mask: bit-identical
 
 
-def test_saved_layer_input_is_packed_to_host_memory(monkeypatch):
+def test_saved_layer_input_is_packed_to_host_memory(monkeypatch, process_group):
     packed, pack = [], training._pack
 
     def spy(tensor):
@@ -51,6 +60,15 @@ def test_saved_layer_input_is_packed_to_host_memory(monkeypatch):
     assert packed[0] is hidden and hidden.grad is not None
 
 
+def test_only_floating_inputs_that_require_grad_get_one(process_group):
+    """transformers passes a layer non-tensor and integer arguments too (positions, flags)."""
+    block = Block()
+    hidden, frozen = torch.randn(2, 8, requires_grad=True), torch.randn(2, 8)
+    out = offloaded_checkpoint(lambda h, f, flag: block(h + f, scale=2.0 if flag else 1.0), hidden, frozen, True)
+    out.sum().backward()
+    assert hidden.grad is not None and frozen.grad is None and block.linear.weight.grad is not None
+
+
 def _reachable(grad_fn) -> set:
     seen, todo = set(), [grad_fn]
     while todo:
@@ -62,10 +80,11 @@ def _reachable(grad_fn) -> set:
     return {id(node.variable) for node in seen if hasattr(node, "variable")}
 
 
-def test_checkpointed_weights_are_reachable_from_the_output_graph():
+def test_under_a_process_group_checkpointed_weights_are_reachable_from_the_output_graph(monkeypatch):
     """DDP with find_unused_parameters=True walks the output's graph to find the parameters a step uses; a
     reentrant checkpoint runs the layer under no_grad, DDP marks its weights unused, and the backward then
     fails ("Expected to mark a variable ready only once")."""
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
     block = Block()
     out = offloaded_checkpoint(block.forward, torch.randn(2, 8, requires_grad=True))
     assert {id(block.linear.weight), id(block.linear.bias)} <= _reachable(out.grad_fn)
