@@ -9,13 +9,18 @@ goes to the reference op, so an unknown pattern is slow, never wrong.
 from __future__ import annotations
 
 import functools
-import importlib
 import logging
 import os
 
 import torch
 
-from reference.ops import attention as reference_attention
+from reference.ops import attention as attention_twin
+from reference.ops import cross_entropy as cross_entropy_twin
+from reference.ops import gated_activation as gated_activation_twin
+from reference.ops import linear_cross_entropy as linear_cross_entropy_twin
+from reference.ops import lora_linear as lora_linear_twin
+from reference.ops import rmsnorm as rmsnorm_twin
+from reference.ops import rope as rope_twin
 
 logger = logging.getLogger("fastvision.optimized")
 
@@ -25,13 +30,33 @@ def interpreter_enabled() -> bool:
 
 
 @functools.cache
-def _kernel_module(name: str = "attention"):
-    return importlib.import_module(f"optimized.kernels.{name}")
+def kernels() -> dict:
+    """Each op's Triton implementation, imported at first use: Triton reads TRITON_INTERPRET when a kernel is
+    decorated (so a test may set it after importing this module), and a CPU without it never needs Triton."""
+    from optimized.kernels import attention as attention_kernel
+    from optimized.kernels import cross_entropy, gated_activation, linear_cross_entropy, lora_linear, rmsnorm, rope
+
+    return {
+        "attention": attention_kernel.attention,
+        "rms_norm": rmsnorm.rms_norm,
+        "gated_activation": gated_activation.gated_activation,
+        "apply_rotary": rope.apply_rotary,
+        "causal_lm_loss": cross_entropy.causal_lm_loss,
+        "linear_causal_lm_loss": linear_cross_entropy.linear_causal_lm_loss,
+        "lora_linear": lora_linear.lora_linear,
+    }
 
 
-@functools.cache
-def _reference_module(name: str):
-    return importlib.import_module(f"reference.ops.{name}")
+# Each op's plain-PyTorch twin (reference/ops/), which serves wherever the kernel cannot.
+TWINS = {
+    "attention": attention_twin.attention,
+    "rms_norm": rmsnorm_twin.rms_norm,
+    "gated_activation": gated_activation_twin.gated_activation,
+    "apply_rotary": rope_twin.apply_rotary,
+    "causal_lm_loss": cross_entropy_twin.causal_lm_loss,
+    "linear_causal_lm_loss": linear_cross_entropy_twin.linear_causal_lm_loss,
+    "lora_linear": lora_linear_twin.lora_linear,
+}
 
 
 @functools.cache
@@ -39,7 +64,7 @@ def _say_fallback_once(reason: str) -> None:
     logger.warning("fastvision optimized backend: %s; running the reference ops (plain PyTorch) instead.", reason)
 
 
-def kernel_serves(q: torch.Tensor, spec: reference_attention.AttentionSpec | None = None) -> bool:
+def kernel_serves(q: torch.Tensor, spec: attention_twin.AttentionSpec | None = None) -> bool:
     """True when the Triton kernel runs this call; False routes it to the reference op."""
     if spec is not None and not spec.is_structured:
         _say_fallback_once("a mask pattern with no structure the kernel can read")
@@ -55,22 +80,22 @@ def kernel_serves(q: torch.Tensor, spec: reference_attention.AttentionSpec | Non
 def attention(q, k, v, spec):
     """The optimized backend's attention op: same signature as `reference.ops.attention.attention`."""
     if not kernel_serves(q, spec):
-        return reference_attention.attention(q, k, v, spec)
+        return TWINS["attention"](q, k, v, spec)
     if q.dtype == torch.bfloat16 and not q.is_cuda:
         # Triton's interpreter computes tl.dot through numpy, which has no bf16: bf16 operands come back as
         # garbage (errors ~1e9). On the CPU the kernel therefore runs on fp32 copies; the GPU runs bf16.
-        out = _kernel_module().attention(q.float(), k.float(), v.float(), spec)
+        out = kernels()["attention"](q.float(), k.float(), v.float(), spec)
         return out.to(torch.bfloat16)
-    return _kernel_module().attention(q, k, v, spec)
+    return kernels()["attention"](q, k, v, spec)
 
 
-def _on_kernel(name: str, function: str, *tensors, in_input_dtype: bool = True, **kwargs):
-    """The kernel `optimized.kernels.<name>.<function>` where it can run, else its reference twin. On the
+def _on_kernel(op: str, *tensors, in_input_dtype: bool = True, **kwargs):
+    """The kernel of `op` where it can run, else its reference twin. On the
     CPU the interpreter gets fp32 copies of bf16 inputs (numpy has no bf16) and, where the op's results
     are in its input dtype (`in_input_dtype`; the loss is fp32 whatever the logits), they are cast back."""
     if not kernel_serves(tensors[0]):
-        return getattr(_reference_module(name), function)(*tensors, **kwargs)
-    kernel = getattr(_kernel_module(name), function)
+        return TWINS[op](*tensors, **kwargs)
+    kernel = kernels()[op]
     if tensors[0].dtype != torch.bfloat16 or tensors[0].is_cuda:
         return kernel(*tensors, **kwargs)
     result = kernel(*(t.float() if t.is_floating_point() else t for t in tensors), **kwargs)
@@ -80,27 +105,27 @@ def _on_kernel(name: str, function: str, *tensors, in_input_dtype: bool = True, 
 
 
 def rms_norm(x, weight, eps, *, gemma=False):
-    return _on_kernel("rmsnorm", "rms_norm", x, weight, eps=eps, gemma=gemma)
+    return _on_kernel("rms_norm", x, weight, eps=eps, gemma=gemma)
 
 
 def gated_activation(gate, up, activation):
-    return _on_kernel("gated_activation", "gated_activation", gate, up, activation=activation)
+    return _on_kernel("gated_activation", gate, up, activation=activation)
 
 
 def apply_rotary(q, k, cos, sin, unsqueeze_dim=1):
-    return _on_kernel("rope", "apply_rotary", q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
+    return _on_kernel("apply_rotary", q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
 
 
 def causal_lm_loss(logits, labels, vocab_size, num_items_in_batch=None, ignore_index=-100, shift_labels=None,
                    **kwargs):
-    return _on_kernel("cross_entropy", "causal_lm_loss", logits, labels, in_input_dtype=False, vocab_size=vocab_size,
+    return _on_kernel("causal_lm_loss", logits, labels, in_input_dtype=False, vocab_size=vocab_size,
                       num_items_in_batch=num_items_in_batch, ignore_index=ignore_index, shift_labels=shift_labels,
                       **kwargs)
 
 
 def linear_causal_lm_loss(hidden, weight, labels, vocab_size, num_items_in_batch=None, ignore_index=-100,
                           shift_labels=None, **kwargs):
-    return _on_kernel("linear_cross_entropy", "linear_causal_lm_loss", hidden, weight, labels, in_input_dtype=False,
+    return _on_kernel("linear_causal_lm_loss", hidden, weight, labels, in_input_dtype=False,
                       vocab_size=vocab_size, num_items_in_batch=num_items_in_batch, ignore_index=ignore_index,
                       shift_labels=shift_labels, **kwargs)
 
@@ -108,5 +133,5 @@ def linear_causal_lm_loss(hidden, weight, labels, vocab_size, num_items_in_batch
 def lora_linear(x, weight, quant_state, bias, lora_A, lora_B, scaling):
     """One LoRA projection (`reference/ops/lora_linear.py`); plain torch matmuls either way, so bf16 runs as
     it is in the interpreter too."""
-    module = _kernel_module("lora_linear") if kernel_serves(x) else _reference_module("lora_linear")
-    return module.lora_linear(x, weight, quant_state, bias, lora_A, lora_B, scaling)
+    lora = kernels()["lora_linear"] if kernel_serves(x) else TWINS["lora_linear"]
+    return lora(x, weight, quant_state, bias, lora_A, lora_B, scaling)

@@ -24,14 +24,13 @@ from reference.ops.attention import attention as reference_attention
 def kernel_calls(monkeypatch):
     """Every call the Triton kernel serves, as (q shape, spec)."""
     calls = []
-    kernel = ops._kernel_module()
-    original = kernel.attention
+    original = ops.kernels()["attention"]
 
     def spy(q, k, v, spec):
         calls.append((tuple(q.shape), spec))
         return original(q, k, v, spec)
 
-    monkeypatch.setattr(kernel, "attention", spy)
+    monkeypatch.setitem(ops.kernels(), "attention", spy)
     return calls
 
 
@@ -82,7 +81,7 @@ def test_without_gpu_or_interpreter_each_fused_op_is_its_reference_twin(monkeypa
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     function, arguments = _fused_op_calls()[name]
     got = getattr(ops, function)(*arguments)
-    want = getattr(ops._reference_module(name), function)(*arguments)
+    want = ops.TWINS[function](*arguments)
     for one, two in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
         assert torch.equal(one, two)
 
@@ -126,14 +125,13 @@ def fused_calls(monkeypatch):
     """How many times each fused kernel ran, by kernel file name."""
     counts = dict.fromkeys(FUSED, 0)
     for name, function in FUSED.items():
-        module = ops._kernel_module(name)
-        original = getattr(module, function)
+        original = ops.kernels()[function]
 
         def spy(*args, _name=name, _original=original, **kwargs):
             counts[_name] += 1
             return _original(*args, **kwargs)
 
-        monkeypatch.setattr(module, function, spy)
+        monkeypatch.setitem(ops.kernels(), function, spy)
     return counts
 
 
@@ -233,9 +231,8 @@ def _lora_logits_and_grads(model, batch):
 @pytest.mark.parametrize("family", ["qwen2_vl", "llava", "gemma3"])
 def test_lora_projections_run_as_one_op_each_and_match_peft_own_modules(monkeypatch, family):
     calls = []
-    kernel = ops._kernel_module("lora_linear")
-    original = kernel.lora_linear
-    monkeypatch.setattr(kernel, "lora_linear", lambda *args: calls.append(1) or original(*args))
+    original = ops.kernels()["lora_linear"]
+    monkeypatch.setitem(ops.kernels(), "lora_linear", lambda *args: calls.append(1) or original(*args))
     model, batch = _perturbed_adapters(family)
     adapted = len(model.lora_plan.targets())
     logits, grads = _lora_logits_and_grads(model, batch)

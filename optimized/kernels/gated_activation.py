@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from optimized.kernels.launch import cdiv
 from optimized.kernels.launch import launch as _launch
 from reference.ops.gated_activation import check_activation
 
@@ -157,9 +158,6 @@ _NUM_WARPS = 4
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)  # triton.cdiv is a JIT function: microseconds a call from Python
-
 
 def _validate(gate: torch.Tensor, up: torch.Tensor, activation: str) -> None:
     check_activation(activation)
@@ -175,7 +173,7 @@ def _launch_forward(gate: torch.Tensor, up: torch.Tensor, gelu: bool) -> torch.T
     out = torch.empty_like(gate)
     n = gate.numel()
     if n:
-        _launch(_gated_fwd_kernel, (_cdiv(n, _BLOCK),), gate, up, out, n, GELU=gelu, BLOCK=_BLOCK,
+        _launch(_gated_fwd_kernel, (cdiv(n, _BLOCK),), gate, up, out, n, GELU=gelu, BLOCK=_BLOCK,
                 num_warps=_NUM_WARPS)
     return out
 
@@ -187,7 +185,7 @@ def _launch_backward(gate, up, grad_out, gelu: bool, need_dgate: bool, need_dup:
     n = gate.numel()
     if n and (need_dgate or need_dup):
         # A gradient not asked for gets a placeholder pointer of the right dtype that is never written.
-        _launch(_gated_bwd_kernel, (_cdiv(n, _BLOCK),), gate, up, grad_out,
+        _launch(_gated_bwd_kernel, (cdiv(n, _BLOCK),), gate, up, grad_out,
                 gate if dgate is None else dgate, up if dup is None else dup, n, GELU=gelu,
                 NEED_DGATE=need_dgate, NEED_DUP=need_dup, BLOCK=_BLOCK, num_warps=_NUM_WARPS)
     return dgate, dup

@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from optimized.kernels.launch import cdiv
 from optimized.kernels.launch import launch as _launch
 
 # ----------------------------------------------------------------------------------------------
@@ -119,9 +120,6 @@ _INTERPRETER_BWD_PROGRAMS = 3
 _SM_COUNT: dict = {}
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)  # triton.cdiv is a JIT function: microseconds a call from Python
-
 
 def _next_power_of_2(n: int) -> int:
     return 1 << (n - 1).bit_length() if n > 1 else 1
@@ -176,7 +174,7 @@ def _launch_forward(x2: torch.Tensor, weight: torch.Tensor, eps: float, gemma: b
     rstd = torch.empty(n_rows, device=x2.device, dtype=torch.float32)
     if n_rows:
         plan = _plan(n_rows, n_cols, x2.device)
-        _launch(_rms_norm_fwd_kernel, (_cdiv(n_rows, plan["ROWS"]),), x2, weight, y, rstd, x2.stride(0),
+        _launch(_rms_norm_fwd_kernel, (cdiv(n_rows, plan["ROWS"]),), x2, weight, y, rstd, x2.stride(0),
                 y.stride(0), n_rows, n_cols, eps, GEMMA=gemma, **plan)
     return y, rstd
 
@@ -188,7 +186,7 @@ def _launch_backward(x2, weight, rstd, dy2, gemma: bool, need_dx: bool, need_dw:
     if n_rows == 0:
         return dx, torch.zeros_like(weight) if need_dw else None
     plan = _plan(n_rows, n_cols, x2.device)
-    n_tiles = _cdiv(n_rows, plan["ROWS"])
+    n_tiles = cdiv(n_rows, plan["ROWS"])
     programs = _backward_programs(n_tiles, x2.device, need_dw)
     # Without dweight the partial buffer is never written: rstd stands in for it (no allocation).
     partial = torch.empty(programs, n_cols, device=x2.device, dtype=torch.float32) if need_dw else rstd

@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from optimized.kernels.launch import cdiv
 from optimized.kernels.launch import launch as _launch
 from reference.ops.rope import validate_rotary
 
@@ -125,9 +126,6 @@ def _pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)  # triton.cdiv is a JIT function: microseconds a call from Python
-
 
 def _strides(t: torch.Tensor) -> tuple:
     return t.stride(0), t.stride(1), t.stride(2)
@@ -172,7 +170,7 @@ def _rotate(xq, xk, cos, sin, layouts, backward: bool):
     k_heads = xk.shape[1] if xk is not None else 0
     blocks = _blocks(batch * seq, q_heads, k_heads, dim // 2, cos.device)
     _launch(
-        _rope_kernel, (_cdiv(batch * seq, blocks["BLOCK_T"]),),
+        _rope_kernel, (cdiv(batch * seq, blocks["BLOCK_T"]),),
         aq, ak, bq, bk, cos, sin, batch * seq, seq, q_heads, k_heads,
         *_strides(aq), *_strides(ak), *_strides(bq), *_strides(bk),
         cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1),

@@ -17,7 +17,7 @@ from optimized.kernels.attention.lowering import _args, _dot_precision, _strides
 from optimized.kernels.attention.masks import LOG2E
 from optimized.kernels.attention.plans import Tiles
 from optimized.kernels.attention.route import Route
-from optimized.kernels.launch import cdiv as _cdiv
+from optimized.kernels.launch import cdiv
 from optimized.kernels.launch import launch_bound as _launch_bound
 from reference.ops.attention import AttentionSpec
 
@@ -61,7 +61,7 @@ def _launch_dense_forward(q, k, v, spec, tiles: Tiles):
     def descriptors(q, k, v):
         return _tma_heads(q, tiles.block_m), _tma_heads(k, tiles.block_n), _tma_heads(v, tiles.block_n)
 
-    programs = batch * q_heads * _cdiv(q_len, tiles.block_m)
+    programs = batch * q_heads * cdiv(q_len, tiles.block_m)
     relaunch = _launch_bound(
         _attn_fwd_dense_kernel, (programs,), *descriptors(q, k, v), out, lse, *_strides(out), q_heads, q_len,
         k.shape[2], qk_scale=spec.resolved_scale(head_dim) * LOG2E, GROUP=q_heads // k.shape[1],
@@ -82,7 +82,7 @@ def _launch_forward(q, k, v, spec, low: _Structure, tiles: Tiles, route: Route):
     batch, q_heads, q_len, _ = q.shape
     out, lse = _forward_outputs(q)
     structure, scalars, meta = _args(q, k, spec, low, tiles)
-    programs = batch * q_heads * _cdiv(q_len, tiles.block_m)
+    programs = batch * q_heads * cdiv(q_len, tiles.block_m)
     relaunch = _launch_bound(
         _attn_fwd_kernel, (programs,), q, k, v, out, lse, *structure, *_strides(q), *_strides(k),
         *_strides(v), *_strides(out), q_heads, q_len, k.shape[2], **scalars, **meta,
@@ -102,7 +102,7 @@ def _launch_dense_dkdv(q, k, v, grad_out, lse, delta, spec, tiles: Tiles):
 
     scale = spec.resolved_scale(head_dim)
     relaunch = _launch_bound(
-        _attn_bwd_dkdv_dense_kernel, (batch * kv_heads, _cdiv(kv_len, tiles.block_n)),
+        _attn_bwd_dkdv_dense_kernel, (batch * kv_heads, cdiv(kv_len, tiles.block_n)),
         *descriptors(q, k, v, grad_out), lse, delta, dk, dv, *_strides(dk), *_strides(dv), q_heads, kv_heads,
         q_len, kv_len, qk_scale=scale * LOG2E, sm_scale=scale, GROUP=q_heads // kv_heads, HEAD_DIM=head_dim,
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, CAUSAL=spec.causal,
@@ -123,7 +123,7 @@ def _launch_dkdv(q, k, v, grad_out, lse, delta, spec, low: _Structure, tiles: Ti
     kv_heads, kv_len = k.shape[1], k.shape[2]
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     structure, scalars, meta = _args(q, k, spec, low, tiles)
-    grid = (batch * kv_heads, _cdiv(kv_len, tiles.block_n))
+    grid = (batch * kv_heads, cdiv(kv_len, tiles.block_n))
     relaunch = _launch_bound(
         _attn_bwd_dkdv_kernel, grid,
         q, k, v, grad_out, lse, delta, dk, dv, *structure, *_strides(q), *_strides(k), *_strides(v),
@@ -143,7 +143,7 @@ def _launch_dense_dq(q, k, v, out, grad_out, lse, spec, tiles: Tiles):
                 _tma_heads(grad_out, rows))
 
     scale = spec.resolved_scale(head_dim)
-    programs = batch * q_heads * _cdiv(q_len, tiles.block_m)
+    programs = batch * q_heads * cdiv(q_len, tiles.block_m)
     relaunch = _launch_bound(
         _attn_bwd_dq_dense_kernel, (programs,), *descriptors(q, k, v, out, grad_out), lse, delta, dq,
         *_strides(dq), q_heads, q_len, k.shape[2], qk_scale=scale * LOG2E, sm_scale=scale,
@@ -166,7 +166,7 @@ def _launch_dq(q, k, v, out, grad_out, lse, spec, low: _Structure, tiles: Tiles,
     dq = torch.empty_like(q)
     delta = torch.empty_like(lse)
     structure, scalars, meta = _args(q, k, spec, low, tiles)
-    programs = batch * q_heads * _cdiv(q_len, tiles.block_m)
+    programs = batch * q_heads * cdiv(q_len, tiles.block_m)
     relaunch = _launch_bound(
         _attn_bwd_dq_kernel, (programs,),
         q, k, v, out, grad_out, lse, delta, dq, *structure, *_strides(q), *_strides(k), *_strides(v),

@@ -9,7 +9,7 @@ import torch
 
 from optimized.kernels.attention.masks import LOG2E, _padding_info_kernel, _span_range_kernel
 from optimized.kernels.attention.plans import Tiles, _head_split
-from optimized.kernels.launch import cdiv as _cdiv
+from optimized.kernels.launch import cdiv
 from optimized.kernels.launch import launch as _launch
 from reference.ops.attention import AttentionSpec
 
@@ -53,7 +53,7 @@ def _span_bounds(span_ids: torch.Tensor, batch: int, kv_len: int, device):
         raise ValueError(f"span_ids must be (B, Sk) = {(batch, kv_len)}, got {tuple(span_ids.shape)}")
     ids = span_ids.to(device=device).contiguous()
     ranges = torch.empty(batch, 2, kv_len, dtype=torch.int32, device=device)
-    _launch(_span_range_kernel, (batch, _cdiv(kv_len, 64)), ids, ranges, kv_len, BLOCK_P=64, BLOCK_K=64)
+    _launch(_span_range_kernel, (batch, cdiv(kv_len, 64)), ids, ranges, kv_len, BLOCK_P=64, BLOCK_K=64)
     return ids, ranges
 
 
