@@ -45,11 +45,16 @@ def offloaded_checkpoint(function, *args, **kwargs):
     4 x 2,000 tokens, benchmarks/finetune_ablation.py) took 153.3 ms recorded, 106.7 ms replayed for
     Qwen2-VL, whose step waits on the host, and 180.6 / 169.4 ms for Llava."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return _recorded_checkpoint(function, *args, **kwargs)
+        return recorded_checkpoint(function, *args, **kwargs)
+    return replayed_checkpoint(function, *args, **kwargs)
+
+
+def replayed_checkpoint(function, *args, **kwargs):
+    """The layer under no_grad, replayed in the backward from its input kept in host memory."""
     return _ReplayedCheckpoint.apply(functools.partial(function, **kwargs) if kwargs else function, *args)
 
 
-def _recorded_checkpoint(function, *args, **kwargs):
+def recorded_checkpoint(function, *args, **kwargs):
     """torch's non-reentrant checkpoint saves a layer's inputs through the saved-tensor hooks around it (the
     tensors saved inside the layer go through checkpoint's own, innermost hooks and are recomputed), so
     these hooks put exactly the layer inputs in host memory and bring them back for the recompute. The

@@ -63,3 +63,29 @@ def test_the_worker_steps_data_parallel_on_two_gloo_ranks(tmp_path):
     assert done.returncode == 0 and len(results) == 1, (done.stdout + done.stderr)[-3000:]  # rank 0 reports
     assert "error" not in results[0], results[0]
     assert results[0]["gpus"] == 2 and results[0]["tokens_per_s"] > 0
+
+
+def test_the_ablation_times_each_variant_on_one_model_and_switches_what_it_names():
+    """benchmarks/finetune_ablation.py on the tiny checkpoint (optimized backend, its ops' twins on this CPU)."""
+    from transformers import AutoProcessor
+
+    from reference import training
+
+    spec = importlib.util.spec_from_file_location("finetune_ablation", ROOT / "benchmarks" / "finetune_ablation.py")
+    ablation = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ablation)
+    model_dir = zoo.checkpoint("qwen2_vl")
+    batch = dict(inputs.image_batch(AutoProcessor.from_pretrained(model_dir)))
+    model = _finetune().load("optimized", str(model_dir), 4)
+    fused_before = _fused_projections(model)
+    switched, real = [], ablation._checkpointing
+    ablation._checkpointing = lambda m, function: switched.append(function) or real(m, function)
+    rows = ablation.time_variants("qwen2_vl", model, batch, ARGS)
+    assert [row["variant"] for row in rows] == [name for name, _ in ablation.VARIANTS]
+    assert len({row["lora_parameters"] for row in rows}) == 1 and all(row["step_ms"] > 0 for row in rows)
+    assert switched == [training.recorded_checkpoint, training.offloaded_checkpoint]
+    assert fused_before > 0 and _fused_projections(model) == 0  # the last variant ran PEFT's own modules
+
+
+def _fused_projections(model) -> int:
+    return sum(getattr(vars(m).get("forward"), "__name__", "") == "_fused_forward" for m in model.modules())

@@ -1,0 +1,138 @@
+"""What each optimized piece is worth on the user's job: one optimized QLoRA model, timed as shipped and
+with one piece switched back, in one process per family (the same weights, batch and GPU state).
+
+The workload and measurement of benchmarks/finetune.py (its checkpoint, batch, load and median step);
+the variants, timed in this order on the same model:
+
+  shipped              what from_pretrained + get_peft_model + for_training give
+  recorded checkpoint  "unsloth" checkpointing through torch's recorded (non-reentrant) graph, the
+                       implementation a DDP process uses (reference/training.py)
+  peft lora            PEFT's own LoRA modules instead of the fused LoRA op (optimized.use_peft_lora)
+
+Steps train the adapters, so only the first variant's first loss is that of an untrained model.
+
+    python benchmarks/finetune_ablation.py --families qwen2_vl llava     # GPU: benchmarks/results/...
+    python benchmarks/finetune_ablation.py --host-profile DIR            # also each variant's top host ops
+    python benchmarks/finetune_ablation.py --smoke                       # CPU plumbing check (the interpreter)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import pathlib
+import sys
+import tempfile
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import finetune  # noqa: E402
+import model as model_bench  # noqa: E402
+
+
+def _checkpointing(model, function) -> None:
+    for module in model.modules():
+        if getattr(module, "gradient_checkpointing", False):
+            module._gradient_checkpointing_func = function
+
+
+def _recorded(model) -> None:
+    from reference import training
+
+    _checkpointing(model, training.recorded_checkpoint)
+
+
+def _peft_lora(model) -> None:
+    import optimized
+    from reference import training
+
+    _checkpointing(model, training.offloaded_checkpoint)
+    optimized.use_peft_lora(model)
+
+
+VARIANTS = (("shipped", None), ("recorded checkpoint", _recorded), ("peft lora", _peft_lora))
+
+
+def host_profile(model, batch, steps: int = 2, top: int = 25) -> str:
+    """The ops that cost the host most over `steps` forward + backward passes."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as recorded:
+        for _ in range(steps):
+            model(**batch, labels=batch["input_ids"]).loss.backward()
+        torch.cuda.synchronize()
+    return recorded.key_averages().table(sort_by="self_cpu_time_total", row_limit=top)
+
+
+def run_family(family: str, args, directory: pathlib.Path) -> list[dict]:
+    import torch
+
+    model_dir, batch_file = finetune.prepare(family, directory, args)
+    batch = torch.load(batch_file, weights_only=True)
+    return time_variants(family, finetune.load("optimized", str(model_dir), args.bits), batch, args)
+
+
+def time_variants(family: str, model, batch, args) -> list[dict]:
+    """One row per variant, switched on `model` in VARIANTS' order."""
+    import torch
+
+    rows = []
+    for name, switch in VARIANTS:
+        if switch is not None:
+            switch(model)
+        row = finetune.time_steps(model, batch, args.warmup, args.steps)
+        rows.append({"family": family, "variant": name, **row})
+        print(json.dumps(rows[-1]), flush=True)
+        if getattr(args, "host_profile", None):
+            on_device = {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()}
+            path = pathlib.Path(args.host_profile, f"{family}-{name.replace(' ', '-')}.txt")
+            path.write_text(host_profile(model, on_device))
+    return rows
+
+
+def markdown(result: dict) -> str:
+    lines = [f"# Optimized QLoRA step, one piece at a time — {result['device']}, {result['date']}", "",
+             "versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()), "",
+             "| family | variant | step ms | vs shipped | peak GiB |", "|---|---|---|---|---|"]
+    shipped = {r["family"]: r for r in result["rows"] if r["variant"] == "shipped"}
+    for row in result["rows"]:
+        ratio = row["step_ms"] / shipped[row["family"]]["step_ms"]
+        lines.append(f"| {row['family']} | {row['variant']} | {row['step_ms']} | {ratio:.2f}x | {row['peak_gib']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--families", nargs="+", default=list(model_bench.FAMILIES))
+    parser.add_argument("--bits", type=int, default=4, choices=(4, 16))
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--tokens", type=int, default=2000)
+    parser.add_argument("--text-layers", type=int, default=6)
+    parser.add_argument("--vision-layers", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--host-profile", metavar="DIR")
+    parser.add_argument("--smoke", action="store_true", help="CPU plumbing check: 1 layer, short text, 1 step")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.text_layers, args.vision_layers, args.batch, args.tokens, args.warmup, args.steps = 1, 1, 1, 16, 1, 1
+    with tempfile.TemporaryDirectory() as directory:
+        rows = [row for family in args.families for row in run_family(family, args, pathlib.Path(directory))]
+    result = {"device": model_bench.card(), "versions": {**model_bench.versions(), **finetune._peer_versions()},
+              "rows": rows,
+              "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    card = "smoke" if args.smoke else model_bench.card().replace(" ", "_")
+    stem = pathlib.Path(args.out, f"finetune-ablation-{card}")
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    stem.with_suffix(".md").write_text(markdown(result))
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
