@@ -28,6 +28,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 
 import torch
 import transformers
@@ -48,6 +49,42 @@ class BenchFamily:
     top: dict  # top-level config fields
     image_size: tuple[int, int]  # (width, height) fed to the processor
     processor: dict  # image-processor / processor fields for that image size
+    # (zoo processor, `processor` fields) -> the processor at that image size; the processors differ in what they read
+    resize: Callable
+    vision_depth_key: str = "num_hidden_layers"  # the vision config's layer count ("depth" in Qwen's)
+
+
+def _resize_qwen(processor, fields: dict):
+    image_processor = processor.image_processor
+    image_processor.size = {"shortest_edge": fields["pixels"], "longest_edge": fields["pixels"]}
+    image_processor.min_pixels = image_processor.max_pixels = fields["pixels"]
+    return processor
+
+
+def _resize_llava(processor, fields: dict):
+    image_processor = processor.image_processor
+    image_processor.size = {"shortest_edge": fields["shortest_edge"]}
+    image_processor.crop_size = {"height": fields["shortest_edge"], "width": fields["shortest_edge"]}
+    processor.patch_size = fields["patch_size"]
+    return processor
+
+
+def _resize_pixtral(processor, fields: dict):
+    processor.image_processor.size = {"longest_edge": fields["longest_edge"]}
+    processor.image_processor.patch_size = processor.patch_size = fields["patch_size"]
+    return processor
+
+
+def _resize_gemma3(processor, fields: dict):
+    # Gemma3Processor fixes its image_seq_length when built: a new one, around the resized image processor.
+    image_processor = processor.image_processor
+    image_processor.size = {"height": fields["height"], "width": fields["width"]}
+    return type(processor)(
+        image_processor=image_processor,
+        tokenizer=processor.tokenizer,
+        chat_template=processor.chat_template,
+        image_seq_length=fields["image_seq_length"],
+    )
 
 
 VISION_LAYERS, TEXT_LAYERS = 8, 6  # Gemma3's 5 sliding : 1 full, and Qwen2.5-VL's 1 full block in 8
@@ -67,6 +104,8 @@ FAMILIES = {
         {},
         (448, 448),
         dict(pixels=448 * 448),
+        resize=_resize_qwen,
+        vision_depth_key="depth",
     ),
     "qwen2_5_vl": BenchFamily(
         "Qwen2.5-VL-3B",
@@ -91,6 +130,8 @@ FAMILIES = {
         {},
         (448, 448),
         dict(pixels=448 * 448),
+        resize=_resize_qwen,
+        vision_depth_key="depth",
     ),
     "llava": BenchFamily(
         "Llava-1.5-7B",
@@ -108,6 +149,7 @@ FAMILIES = {
         dict(image_seq_length=576),
         (336, 336),
         dict(shortest_edge=336, patch_size=14),
+        resize=_resize_llava,
     ),
     "pixtral": BenchFamily(
         "Pixtral-12B",
@@ -130,6 +172,7 @@ FAMILIES = {
         {},
         (512, 512),
         dict(longest_edge=512, patch_size=16),
+        resize=_resize_pixtral,
     ),
     "gemma3": BenchFamily(
         "Gemma3-4B",
@@ -148,6 +191,7 @@ FAMILIES = {
         dict(mm_tokens_per_image=256),
         (896, 896),
         dict(height=896, width=896, image_seq_length=256),
+        resize=_resize_gemma3,
     ),
 }
 
@@ -169,8 +213,7 @@ def real_config(family: str, text_layers: int, vision_layers: int):
             **config.text_config.rope_parameters,
             "mrope_section": bench.text["mrope_section"],
         }
-    depth_key = "depth" if family.startswith("qwen") else "num_hidden_layers"
-    config.vision_config.update({**bench.vision, depth_key: vision_layers})
+    config.vision_config.update({**bench.vision, bench.vision_depth_key: vision_layers})
     for key, value in bench.top.items():
         setattr(config, key, value)
     return config
@@ -180,26 +223,8 @@ def real_processor(family: str):
     """The zoo processor with the image processor at the representative model's image size."""
     processor = AutoProcessor.from_pretrained(zoo.checkpoint(family))
     processor.tokenizer.model_max_length = 1 << 20  # the zoo tokenizer's 1024 would warn at 2,000 tokens
-    fields, image_processor = FAMILIES[family].processor, processor.image_processor
-    if family.startswith("qwen"):
-        image_processor.size = {"shortest_edge": fields["pixels"], "longest_edge": fields["pixels"]}
-        image_processor.min_pixels = image_processor.max_pixels = fields["pixels"]
-    elif family == "llava":
-        image_processor.size = {"shortest_edge": fields["shortest_edge"]}
-        image_processor.crop_size = {"height": fields["shortest_edge"], "width": fields["shortest_edge"]}
-        processor.patch_size = fields["patch_size"]
-    elif family == "pixtral":
-        image_processor.size = {"longest_edge": fields["longest_edge"]}
-        image_processor.patch_size = processor.patch_size = fields["patch_size"]
-    elif family == "gemma3":
-        image_processor.size = {"height": fields["height"], "width": fields["width"]}
-        processor = type(processor)(
-            image_processor=image_processor,
-            tokenizer=processor.tokenizer,
-            chat_template=processor.chat_template,
-            image_seq_length=fields["image_seq_length"],
-        )
-    return processor
+    bench = FAMILIES[family]
+    return bench.resize(processor, bench.processor)
 
 
 def build_checkpoint(family: str, out_dir: pathlib.Path, text_layers: int, vision_layers: int) -> pathlib.Path:

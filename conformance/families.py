@@ -1,4 +1,8 @@
-"""The suite's own knowledge of each family: where its parts live in a loaded model, what it is called.
+"""The suite's own knowledge of each family: where its parts live in a loaded model, what it is called,
+how its attention is called and masked, which hub ids it has, and where its tolerances differ, with why.
+Tests pick families by these properties (`one_each`, `Family.has_sliding_window`), never by name; the zoo's
+recipe for each name is in `conformance/zoo.py` (it needs transformers' config classes, and this module
+is read by the CLI before torch is imported).
 
 Written from transformers 5's `...ForConditionalGeneration` classes and docs/contract.md, independently of
 every backend (the suite never reads a backend's family records: a backend whose records were wrong
@@ -14,10 +18,19 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the CLI reads the family names: no torch or pytest at import
     from torch import nn
+
+
+@dataclasses.dataclass(frozen=True)
+class Loosened:
+    """A tolerance a family is allowed past the suite's default (`conformance/tolerances.py`), and why."""
+
+    bound: float
+    reason: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +45,12 @@ class Family:
     vision_layers: str  # module path of the vision tower's layer list
     text_attention_class: str  # attention module class of the language model
     vision_attention_class: str  # attention module class of the vision tower
+    # How the vision tower calls attention under a key without "flash" in its name (transformers 5):
+    # "per_image" (once per image or window, no mask), "block_mask" (one call, a block-diagonal float mask),
+    # "batched" (a batch of images, no mask, module.is_causal False) or "batched_not_causal" (the same,
+    # passing is_causal=False).
+    vision_call: str
+    four_bit_twin: tuple[str, str]  # (16-bit hub id, its pre-quantized twin): docs/contract.md's name table
     language_model: str = "model.language_model"
     text_layers: str = "model.language_model.layers"
     embed_tokens: str = "model.language_model.embed_tokens"
@@ -45,7 +64,30 @@ class Family:
     image_tokens: tuple[str, ...] = ()
     # Chat-template markers that open a user turn and an assistant turn (responses-only masking).
     turn_markers: tuple[str, str] = ("", "")
+    # Mask features the language model really uses beyond causal GQA: "window" (sliding window), "spans"
+    # (image tokens bidirectional within an image).
+    text_mask_features: frozenset[str] = frozenset()
+    nf4_logits_min_sqnr_db: Loosened | None = None  # 4-bit logits against 16-bit (tolerances.py)
 
+    @property
+    def has_sliding_window(self) -> bool:
+        return "window" in self.text_mask_features
+
+    @property
+    def packs_vision_batch(self) -> bool:
+        """The vision tower packs its images into one sequence (per-image calls or a block mask)."""
+        return self.vision_call in ("per_image", "block_mask")
+
+
+GEMMA3_NF4_NOISE = (
+    "Gemma3 puts a norm after attention and after the MLP (post_attention_layernorm, post_feedforward_layernorm), "
+    "so every layer's NF4 noise reaches the residual at full scale instead of being diluted by the unquantized "
+    "embedding stream: transformers' own NF4 load of the zoo's gemma3 checkpoint (vision, projector and lm_head "
+    "kept) measures 8.5 dB against fp32 (FP4: 7.0 dB), where the other four families measure 17-19 dB. A bound "
+    "1.5 dB under the measurement still fails a broken 4-bit path (weights dequantized wrongly, a layer run on its "
+    "packed bytes), whose logits no longer follow the model's: ~0 dB or less. (Placement faults cost ~1-2 dB "
+    "here; test_quant_placement judges placement exactly.)"
+)
 
 FAMILIES: dict[str, Family] = {
     f.name: f
@@ -64,6 +106,8 @@ FAMILIES: dict[str, Family] = {
             vision_blocks=("attn", "mlp"),
             image_tokens=("<|vision_start|>", "<|image_pad|>", "<|vision_end|>"),
             turn_markers=("<|im_start|>user\n", "<|im_start|>assistant\n"),
+            vision_call="per_image",  # VisionAttention: torch.split by cu_seqlens, mask None, is_causal=False
+            four_bit_twin=("unsloth/Qwen2-VL-2B-Instruct", "unsloth/Qwen2-VL-2B-Instruct-bnb-4bit"),
         ),
         Family(
             name="qwen2_5_vl",
@@ -80,6 +124,8 @@ FAMILIES: dict[str, Family] = {
             image_tokens=("<|vision_start|>", "<|image_pad|>", "<|vision_end|>"),
             turn_markers=("<|im_start|>user\n", "<|im_start|>assistant\n"),
             fast_inference=True,
+            vision_call="per_image",  # the same, once per 64-patch window or per image
+            four_bit_twin=("unsloth/Qwen2.5-VL-3B-Instruct", "unsloth/Qwen2.5-VL-3B-Instruct-bnb-4bit"),
         ),
         Family(
             name="llava",
@@ -94,6 +140,8 @@ FAMILIES: dict[str, Family] = {
             vision_attention_class="CLIPAttention",
             image_tokens=("<image>",),
             turn_markers=("USER:", "ASSISTANT:"),
+            vision_call="batched",  # CLIPAttention
+            four_bit_twin=("unsloth/llava-1.5-7b-hf", "unsloth/llava-1.5-7b-hf-bnb-4bit"),
         ),
         Family(
             name="pixtral",
@@ -109,6 +157,8 @@ FAMILIES: dict[str, Family] = {
             vision_blocks=("attention", "feed_forward"),
             image_tokens=("[IMG]", "[IMG_BREAK]", "[IMG_END]"),
             turn_markers=("[INST]", "[/INST]"),
+            vision_call="block_mask",  # generate_block_attention_mask: (1, 1, N, N), finfo.min off the blocks
+            four_bit_twin=("unsloth/Pixtral-12B-2409", "unsloth/Pixtral-12B-2409-bnb-4bit"),
         ),
         Family(
             name="gemma3",
@@ -125,6 +175,12 @@ FAMILIES: dict[str, Family] = {
             turn_markers=("<start_of_turn>user\n", "<start_of_turn>model\n"),
             tied_embeddings=True,
             fast_inference=True,
+            vision_call="batched_not_causal",  # SiglipAttention
+            four_bit_twin=("unsloth/gemma-3-4b-it", "unsloth/gemma-3-4b-it-bnb-4bit"),
+            # Sliding window on 5 of 6 layers, image tokens bidirectional within an image. (Qwen2-VL's sliding
+            # window is off by default; Pixtral-12B's Mistral has none.)
+            text_mask_features=frozenset({"window", "spans"}),
+            nf4_logits_min_sqnr_db=Loosened(7.0, GEMMA3_NF4_NOISE),
         ),
     )
 }
@@ -137,6 +193,15 @@ def params(names=NAMES) -> list:
     import pytest
 
     return [pytest.param(name, id=name, marks=pytest.mark.family(name)) for name in names]
+
+
+def one_each(kind: Callable[[Family], object]) -> list:
+    """`params` of the first family (in NAMES order) of each value of `kind`: for a test too costly to run on
+    every family that must still meet each kind (tied embeddings and not, say)."""
+    first = {}
+    for family in FAMILIES.values():
+        first.setdefault(kind(family), family.name)
+    return params(list(first.values()))
 
 
 def _under(name: str, root: str) -> bool:

@@ -36,20 +36,10 @@ from transformers.models.pixtral.modeling_pixtral import generate_block_attentio
 from conformance import checks, families, oracle, tolerances, zoo
 from conformance.strategies import AttentionCase, text_attention_cases, vision_attention_cases
 
-# Mask features a family's language model really uses (Gemma3: sliding window on 5 of 6 layers, image
-# tokens bidirectional within an image). The others are plain causal GQA (Qwen2-VL's sliding window is
-# off by default; Pixtral-12B's Mistral has none).
-TEXT_FEATURES = {"gemma3": {"window", "spans"}}
-# How each vision tower calls attention under a key without "flash" in its name (transformers 5):
-VISION_CALLS = {
-    "qwen2_vl": "per_image",  # qwen2_vl VisionAttention: torch.split by cu_seqlens, mask None, is_causal=False
-    "qwen2_5_vl": "per_image",  # the same, once per 64-patch window or per image
-    "pixtral": "block_mask",  # generate_block_attention_mask: (1, 1, N, N) float, finfo.min off the blocks
-    "llava": "batched",  # CLIPAttention: a batch of images, no mask, module.is_causal False
-    "gemma3": "batched_not_causal",  # SiglipAttention: the same, passing is_causal=False
-}
-PACKED_FAMILIES = tuple(name for name, how in VISION_CALLS.items() if how in ("per_image", "block_mask"))
-BATCHED_FAMILIES = tuple(name for name in VISION_CALLS if name not in PACKED_FAMILIES)
+# Which mask features a language model uses and how a vision tower calls attention are on each family's
+# record (`Family.text_mask_features`, `Family.vision_call`).
+PACKED_FAMILIES = tuple(f.name for f in families.FAMILIES.values() if f.packs_vision_batch)
+BATCHED_FAMILIES = tuple(f.name for f in families.FAMILIES.values() if not f.packs_vision_batch)
 
 # Explicit examples, each exercising one feature alone, so a fault is reported by the feature it breaks.
 GQA = AttentionCase(batch=1, q_heads=6, kv_heads=2, q_len=12, kv_len=12, head_dim=32, scale=32**-0.5, seed=1)
@@ -219,7 +209,7 @@ def check_text_attention(backend, family: str, case: AttentionCase, device: str 
     """The family's registered text attention on `case`, called as its language model calls it."""
     case = _for_family(case, family)
     model = _model(backend, family, device)
-    sliding = case.window is not None if "window" in TEXT_FEATURES.get(family, ()) else None
+    sliding = case.window is not None if families.FAMILIES[family].has_sliding_window else None
     module = _attention_module(model, family, "text", sliding=sliding)
     key = module.config._attn_implementation
     twin = _twin(module, case)
@@ -241,7 +231,7 @@ def check_text_attention(backend, family: str, case: AttentionCase, device: str 
 
 def _for_family(case: AttentionCase, family: str) -> AttentionCase:
     """Drop mask features the family's language model never uses (a drawn case is family-agnostic)."""
-    features = TEXT_FEATURES.get(family, set())
+    features = families.FAMILIES[family].text_mask_features
     return dataclasses.replace(case, window=case.window if "window" in features else None,
                                spans=case.spans if "spans" in features else None)
 
@@ -253,7 +243,7 @@ def check_vision_attention(backend, family: str, case: AttentionCase, device: st
     key = module.config._attn_implementation
     twin = _twin(module, case)
     function = ALL_ATTENTION_FUNCTIONS[key]
-    how = VISION_CALLS[family]
+    how = families.FAMILIES[family].vision_call
     segments = list(case.segments or ())
     if how == "per_image":
         dense_from_transformers = _packed_mask(case)

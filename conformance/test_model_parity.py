@@ -146,11 +146,12 @@ def sliding_window_overlay(sliding_window: int):
 @pytest.mark.parametrize("mode", ["16bit", "4bit"])
 def test_a_mask_closure_the_backend_cannot_read_never_breaks_a_forward(backend, device, monkeypatch, mode):
     # docs/contract.md: the attention falls back to the dense mask transformers builds, so a forward always runs
-    # and computes the model's own mask. Gemma3's sliding layers are built by this overlay; the batch runs
-    # past the window, so a mask without the window changes the logits.
+    # and computes the model's own mask. A family's sliding layers are built by this overlay (one family with a
+    # sliding window shows it: Gemma3); the batch runs past the window, so a mask without it changes the logits.
     from transformers import masking_utils
 
-    family, name = "gemma3", "past_sliding_window"
+    family = next(f.name for f in families.FAMILIES.values() if f.has_sliding_window)
+    name = "past_sliding_window"
     monkeypatch.setattr(masking_utils, "sliding_window_overlay", sliding_window_overlay)
     kwargs = {"load_in_4bit": True} if mode == "4bit" else {"load_in_4bit": False, "load_in_16bit": True}
     repro = _repro(family, name, device, **kwargs) + "  # masking_utils.sliding_window_overlay's variable renamed"

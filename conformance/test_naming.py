@@ -24,17 +24,11 @@ import transformers
 from torch import nn
 
 from conformance import checks, zoo
-from conformance.families import FAMILIES, params
+from conformance.families import FAMILIES, one_each, params
 
-# 16-bit id -> its pre-quantized twin, one pair per family: the name table docs/contract.md describes
-# (Unsloth's mapper holds the same pairs).
-TWINS = {
-    "qwen2_vl": ("unsloth/Qwen2-VL-2B-Instruct", "unsloth/Qwen2-VL-2B-Instruct-bnb-4bit"),
-    "qwen2_5_vl": ("unsloth/Qwen2.5-VL-3B-Instruct", "unsloth/Qwen2.5-VL-3B-Instruct-bnb-4bit"),
-    "llava": ("unsloth/llava-1.5-7b-hf", "unsloth/llava-1.5-7b-hf-bnb-4bit"),
-    "pixtral": ("unsloth/Pixtral-12B-2409", "unsloth/Pixtral-12B-2409-bnb-4bit"),
-    "gemma3": ("unsloth/gemma-3-4b-it", "unsloth/gemma-3-4b-it-bnb-4bit"),
-}
+# One family stands for all where the name table treats every family alike (the tests over `params()` run
+# each family's twins); Llava is the plain one: CLIP, a projector, Llama.
+EXAMPLE = "llava"
 UNKNOWN_ID = "fastvision-conformance/tiny-llava"  # in no name table
 UNCACHED_ID = "fastvision-conformance/never-cached"
 # A hang guard, not a performance bound: an uncached id offline must fail at once (a lookup in the local
@@ -59,14 +53,14 @@ def load_id(backend, family: str, model_id: str, **kwargs):
 
 @pytest.mark.parametrize("family", params())
 def test_4bit_load_of_a_16bit_id_reads_its_4bit_twin(backend, hub_cache, family):
-    sixteen, four = TWINS[family]
+    sixteen, four = FAMILIES[family].four_bit_twin
     hub_cache.add(four, zoo.checkpoint(family))
     load_id(backend, family, sixteen, load_in_4bit=True)
 
 
 @pytest.mark.parametrize("family", params())
 def test_16bit_load_of_a_4bit_id_reads_its_16bit_twin(backend, hub_cache, family):
-    sixteen, four = TWINS[family]
+    sixteen, four = FAMILIES[family].four_bit_twin
     hub_cache.add(sixteen, zoo.checkpoint(family))
     load_id(backend, family, four, load_in_4bit=False)
 
@@ -74,10 +68,10 @@ def test_16bit_load_of_a_4bit_id_reads_its_16bit_twin(backend, hub_cache, family
 def test_a_remap_drops_revision_with_a_warning(backend, hub_cache):
     # The revision names a commit of the original repository: passed on to the twin, the offline lookup
     # of that commit would fail, so the load succeeding shows it was dropped.
-    sixteen, four = TWINS["llava"]
-    hub_cache.add(four, zoo.checkpoint("llava"))
+    sixteen, four = FAMILIES[EXAMPLE].four_bit_twin
+    hub_cache.add(four, zoo.checkpoint(EXAMPLE))
     with checks.recording_warnings() as recorded:
-        _, repro = load_id(backend, "llava", sixteen, load_in_4bit=True, revision="0123456789abcdef")
+        _, repro = load_id(backend, EXAMPLE, sixteen, load_in_4bit=True, revision="0123456789abcdef")
     checks.check_warned(recorded, "revision", repro=repro)
 
 
@@ -92,12 +86,14 @@ def _language_linears(model, family: str, quantized: bool) -> list[str]:
             (not m.weight.dtype.is_floating_point) == quantized]
 
 
-@pytest.mark.parametrize("family", params(["llava", "qwen2_vl"]))
+# Quantized on load, the plan keeps the vision tower and projector: one family per tower layout (Qwen's
+# merger sits inside its tower).
+@pytest.mark.parametrize("family", one_each(lambda f: f.vision_tower))
 def test_a_missing_twin_gives_the_cached_original_quantized_on_load(backend, hub_cache, monkeypatch, family):
     # docs/contract.md: offline, a table id whose 4-bit twin is not at hand but whose original is cached loads
     # the original and quantizes it as asked, and the plan says so.
     _offline(monkeypatch)
-    sixteen, four = TWINS[family]
+    sixteen, four = FAMILIES[family].four_bit_twin
     hub_cache.add(sixteen, zoo.checkpoint(family))
     model, repro = load_id(backend, family, sixteen, load_in_4bit=True)
     repro += f" (only {sixteen} cached, offline)"
@@ -111,7 +107,7 @@ def test_a_missing_twin_gives_the_cached_original_quantized_on_load(backend, hub
 
 def test_neither_twin_nor_original_at_hand_is_an_offline_error_naming_the_twin(backend, hub_cache, monkeypatch):
     _offline(monkeypatch)
-    sixteen, four = TWINS["llava"]
+    sixteen, four = FAMILIES[EXAMPLE].four_bit_twin
     repro = f"HF_HUB_OFFLINE=1: {checks.call(sixteen, load_in_4bit=True)}  # empty cache"
     checks.expect_offline_error(lambda: backend.FastVisionModel.from_pretrained(sixteen, load_in_4bit=True),
                                 names=(four,), repro=repro)
@@ -121,9 +117,9 @@ def test_neither_twin_nor_original_at_hand_is_an_offline_error_naming_the_twin(b
 def both_twins(hub_cache):
     """The llava table pair in the cache: the 16-bit original and its pre-quantized -bnb-4bit twin (NF4
     weights and a quantization_config of its own, as on the hub)."""
-    sixteen, four = TWINS["llava"]
-    hub_cache.add(sixteen, zoo.checkpoint("llava"))
-    hub_cache.add(four, zoo.prequantized("llava"))
+    sixteen, four = FAMILIES[EXAMPLE].four_bit_twin
+    hub_cache.add(sixteen, zoo.checkpoint(EXAMPLE))
+    hub_cache.add(four, zoo.prequantized(EXAMPLE))
     return sixteen, four
 
 
@@ -133,8 +129,8 @@ def test_full_finetuning_reads_the_16bit_original(backend, both_twins, model_id)
     # full finetuning would silently train only what is not 4-bit.
     name = dict(zip(("sixteen", "four"), both_twins))[model_id]
     with checks.recording_warnings():
-        model, repro = load_id(backend, "llava", name, full_finetuning=True)
-    quantized = _language_linears(model, "llava", quantized=True)
+        model, repro = load_id(backend, EXAMPLE, name, full_finetuning=True)
+    quantized = _language_linears(model, EXAMPLE, quantized=True)
     checks.check(not quantized, f"full finetuning loaded {len(quantized)} 4-bit linears, e.g. {quantized[:2]}",
                  repro=repro)
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
@@ -158,7 +154,7 @@ WEIGHT_FILES = {"config.json", "model.safetensors", "generation_config.json"}
 @pytest.fixture
 def weights_only(tmp_path):
     """A llava checkpoint directory without its processor files."""
-    shutil.copytree(zoo.checkpoint("llava"), tmp_path / "weights",
+    shutil.copytree(zoo.checkpoint(EXAMPLE), tmp_path / "weights",
                     ignore=lambda _d, names: [n for n in names if n not in WEIGHT_FILES])
     return tmp_path / "weights"
 
@@ -168,17 +164,17 @@ def _processor_from(backend, weights, tokenizer_name, **kwargs):
     with checks.reproducing(repro):
         _, processor = backend.FastVisionModel.from_pretrained(weights, tokenizer_name=tokenizer_name,
                                                                load_in_4bit=False, **kwargs)
-    checks.check_equal(type(processor).__name__, FAMILIES["llava"].processor_class, "processor class", repro=repro)
+    checks.check_equal(type(processor).__name__, FAMILIES[EXAMPLE].processor_class, "processor class", repro=repro)
 
 
 def test_tokenizer_name_hub_id_resolves_through_the_cache(backend, hub_cache, weights_only):
-    hub_cache.add(UNKNOWN_ID, zoo.checkpoint("llava"))
+    hub_cache.add(UNKNOWN_ID, zoo.checkpoint(EXAMPLE))
     _processor_from(backend, weights_only, UNKNOWN_ID)
 
 
 def test_tokenizer_name_honours_cache_dir_and_revision(backend, tmp_path, weights_only):
     cache = checks.HubCache(tmp_path / "elsewhere")
-    cache.add(UNKNOWN_ID, zoo.checkpoint("llava"))
+    cache.add(UNKNOWN_ID, zoo.checkpoint(EXAMPLE))
     _processor_from(backend, weights_only, UNKNOWN_ID, cache_dir=str(cache.hub), revision=checks.SNAPSHOT_COMMIT)
 
 
@@ -199,22 +195,22 @@ def test_an_uncached_tokenizer_name_is_an_offline_error_naming_it(backend, hub_c
 @pytest.mark.parametrize("load_in_4bit", [True, False], ids=["4bit", "16bit"])
 def test_unknown_ids_pass_through(backend, hub_cache, model_id, load_in_4bit):
     # No fuzzy matching: an id outside the table, even one ending in -bnb-4bit, is read as given.
-    hub_cache.add(model_id, zoo.checkpoint("llava"))
-    load_id(backend, "llava", model_id, load_in_4bit=load_in_4bit)
+    hub_cache.add(model_id, zoo.checkpoint(EXAMPLE))
+    load_id(backend, EXAMPLE, model_id, load_in_4bit=load_in_4bit)
 
 
 def test_cache_dir_is_honoured(backend, tmp_path):
     cache = checks.HubCache(tmp_path / "elsewhere")
-    cache.add(UNKNOWN_ID, zoo.checkpoint("llava"))
-    load_id(backend, "llava", UNKNOWN_ID, load_in_4bit=False, cache_dir=str(cache.hub))
+    cache.add(UNKNOWN_ID, zoo.checkpoint(EXAMPLE))
+    load_id(backend, EXAMPLE, UNKNOWN_ID, load_in_4bit=False, cache_dir=str(cache.hub))
 
 
 def test_a_local_directory_named_like_a_known_id_is_used_as_is(backend, hub_cache, tmp_path, monkeypatch):
-    sixteen, _ = TWINS["qwen2_vl"]
+    sixteen, _ = FAMILIES[EXAMPLE].four_bit_twin
     (tmp_path / "work").mkdir()
     monkeypatch.chdir(tmp_path / "work")
-    shutil.copytree(zoo.checkpoint("qwen2_vl"), sixteen)  # ./unsloth/Qwen2-VL-2B-Instruct; the cache stays empty
-    load_id(backend, "qwen2_vl", sixteen, load_in_4bit=True)
+    shutil.copytree(zoo.checkpoint(EXAMPLE), sixteen)  # ./unsloth/llava-1.5-7b-hf; the cache stays empty
+    load_id(backend, EXAMPLE, sixteen, load_in_4bit=True)
 
 
 def check_offline_error_message(message: str, model_id: str, repro: str) -> None:

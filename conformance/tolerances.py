@@ -1,15 +1,22 @@
-"""Every tolerance fastvision's tests use, in one place, each with its reason.
+"""Every tolerance fastvision's tests use, in one place, each with its reason: a table, one section per level.
 
-Kernels follow FlashAttention's own rule (tests/test_flash_attn.py): a backend's error against the
-float64 oracle may be at most twice the error of the plain-PyTorch reference computed in the same
-dtype, plus a floor for the dtype's rounding. Whole models compare logits on valid tokens. Anything
-4-bit is judged by signal-to-noise ratio in dB, not allclose.
+- kernels: FlashAttention's own rule (tests/test_flash_attn.py): a backend's error against the float64 oracle
+  may be at most twice the error of the plain-PyTorch reference computed in the same dtype, plus a floor for
+  the dtype's rounding;
+- whole models: logits and gradients on valid tokens, by the same rule against the fp32 eager model;
+- anything 4-bit: signal-to-noise ratio in dB, not allclose; a family's own bound is on its record
+  (`conformance.families.Family.nf4_logits_min_sqnr_db`, with the reason);
+- training and adapters: what fine-tuning, saving and merging must keep;
+- audits: the kernel rule, per layer.
 """
 
 from __future__ import annotations
 
 import torch
 
+from conformance.families import FAMILIES
+
+# ============================================================================================== kernels
 # Twice the reference's own error: FlashAttention's rule (FA2 tests, "at most twice the numerical
 # error of a PyTorch implementation").
 KERNEL_ERROR_FACTOR = 2.0
@@ -33,19 +40,6 @@ GRAD_ERROR_FLOOR = {
     torch.float64: 1e-10,
 }
 
-# Issue 2: the reference backend's fp32 logits against transformers' own eager model, valid tokens.
-# Both compute the same fp32 math; only summation order differs (SDPA vs matmul-softmax).
-MODEL_LOGITS_ATOL_FP32 = 1e-4
-
-# Whole-model parity in 16-bit: transformers' own `_test_eager_matches_sdpa_inference` bound for
-# bf16/fp16 on valid rows.
-MODEL_LOGITS_ATOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 1e-2}
-
-# NF4 keeps ~3.6 bits of signal per weight; a tiny random 4-bit model's logits against its 16-bit twin
-# measure ~15-25 dB. Below 10 dB means the 4-bit path is broken (wrong layer quantized twice, wrong
-# compute dtype), not merely quantized.
-NF4_LOGITS_MIN_SQNR_DB = 10.0
-
 
 def kernel_bound(reference_error: float, dtype: torch.dtype, *, grad: bool = False) -> float:
     """The largest error against the oracle a backend may have, given the reference's own error."""
@@ -53,21 +47,17 @@ def kernel_bound(reference_error: float, dtype: torch.dtype, *, grad: bool = Fal
     return KERNEL_ERROR_FACTOR * reference_error + floor
 
 
-def sqnr_db(signal: torch.Tensor, approximation: torch.Tensor) -> float:
-    """Signal-to-quantization-noise ratio in dB (torchao's `compute_error`)."""
-    signal, approximation = signal.double(), approximation.double()
-    noise = (signal - approximation).norm()
-    if noise == 0:
-        return float("inf")
-    return float(20 * torch.log10(signal.norm() / noise))
-
+# ========================================================================================= whole models
+# Whole-model parity in 16-bit: transformers' own `_test_eager_matches_sdpa_inference` bound for
+# bf16/fp16 on valid rows. In fp32 the reference backend and transformers' eager model compute the same
+# math; only summation order differs (SDPA vs matmul-softmax).
+MODEL_LOGITS_ATOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 1e-2}
 
 # Whole-model gradients: d(loss)/d(input embeddings) on valid tokens, relative to the largest gradient
 # entry (their scale follows the loss, ~1/tokens for a mean). The same numbers as MODEL_LOGITS_ATOL,
 # since the backward repeats the forward's math once more: on the zoo in fp32 the error measures ~2e-6 of
 # the largest entry (qwen2_vl: 6e-8 on 0.16; gemma3: 5e-8 on 0.05).
 MODEL_GRADS_RTOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 1e-2}
-
 
 # Whole models in 16-bit follow the kernels' rule: the backend's error against the fp32 eager model (the
 # truth) may be at most KERNEL_ERROR_FACTOR times the error of transformers' own eager model run in the
@@ -96,25 +86,35 @@ def model_grads_bound(eager_error: float, truth: torch.Tensor, dtype: torch.dtyp
     return KERNEL_ERROR_FACTOR * eager_error + MODEL_GRADS_RTOL[dtype] * float(truth.abs().max())
 
 
-# Gemma3 puts a norm after attention and after the MLP (post_attention_layernorm, post_feedforward_
-# layernorm), so every layer's NF4 noise reaches the residual at full scale instead of being diluted by
-# the unquantized embedding stream: transformers' own NF4 load of the zoo's gemma3 checkpoint (vision,
-# projector and lm_head kept) measures 8.5 dB against fp32 (FP4: 7.0 dB), where the other four families
-# measure 17-19 dB. A bound 1.5 dB under the measurement still fails a broken 4-bit path (weights
-# dequantized wrongly, a layer run on its packed bytes), whose logits no longer follow the model's: ~0 dB
-# or less. (Placement faults cost ~1-2 dB here; test_quant_placement judges placement exactly.)
-NF4_LOGITS_MIN_SQNR_DB_BY_FAMILY = {"gemma3": 7.0}
-
-
-def nf4_logits_min_sqnr_db(family: str) -> float:
-    return NF4_LOGITS_MIN_SQNR_DB_BY_FAMILY.get(family, NF4_LOGITS_MIN_SQNR_DB)
-
-
 # A model's logits must change when its image does: two different zoo images move the 16-bit logits by
 # 0.31 (llava, pixtral) to 1.15 (gemma3) on logits of |max| ~1.1 (reference backend, CPU, fp32). A
 # projection left at its zero init (the zoo's Gemma3 before ZOO_VERSION 2) changes them by exactly 0.
 IMAGE_DEPENDENCE_MIN_LOGIT_CHANGE = 1e-2
 
+
+# ================================================================================================ 4-bit
+# NF4 keeps ~3.6 bits of signal per weight; a tiny random 4-bit model's logits against its 16-bit twin
+# measure ~15-25 dB. Below 10 dB means the 4-bit path is broken (wrong layer quantized twice, wrong
+# compute dtype), not merely quantized.
+NF4_LOGITS_MIN_SQNR_DB = 10.0
+
+
+def sqnr_db(signal: torch.Tensor, approximation: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB (torchao's `compute_error`)."""
+    signal, approximation = signal.double(), approximation.double()
+    noise = (signal - approximation).norm()
+    if noise == 0:
+        return float("inf")
+    return float(20 * torch.log10(signal.norm() / noise))
+
+
+def nf4_logits_min_sqnr_db(family: str) -> float:
+    """NF4_LOGITS_MIN_SQNR_DB, or the family's own bound where its record loosens it (with the reason)."""
+    loosened = FAMILIES[family].nf4_logits_min_sqnr_db
+    return NF4_LOGITS_MIN_SQNR_DB if loosened is None else loosened.bound
+
+
+# ================================================================================ training and adapters
 # A merged save of a 4-bit fine-tune must keep its effect: the change the adapter makes to the logits
 # (adapter model - its 4-bit base) against the change the merged 16-bit model makes (merged - its 16-bit
 # original), by SQNR. With lora_B ~ N(0, 0.05) on the zoo (CPU, fp32 compute) fastvision's merge keeps
@@ -122,7 +122,15 @@ IMAGE_DEPENDENCE_MIN_LOGIT_CHANGE = 1e-2
 # merge_and_unload() on the 4-bit model -3.2 to -7.1 dB (-27 to -33 dB for a 0.03-logit fine-tune).
 MERGED_DELTA_MIN_SQNR_DB = 4.0
 
+# Data-parallel fine-tuning: the LoRA weights after 2 SGD steps (lr 0.5) of conformance.train_steps on 2
+# gloo ranks against one process over the same global batch of 4, fp32 on the CPU. Only summation order
+# differs (each rank's half-batch matmuls, then a 2-way all-reduce): measured 2.4e-8 on weights of |max|
+# 0.125 (qwen2_vl, torch 2.14). Ranks that skip the all-reduce measure 1.5e-3 (as did fastvision before
+# it undid TRL's bf16 cast of the adapters ahead of DDP's wrap): far past this bound.
+DDP_LORA_ATOL = 1e-6
 
+
+# =============================================================================================== audits
 # Audits judge each layer by the kernel rule: the backend's max abs error against the judge (transformers
 # eager in float64 on the CPU, float32 on a GPU) may be KERNEL_ERROR_FACTOR times the yardstick's
 # (transformers eager in the backend's dtype) plus a floor relative to the layer's scale (its largest
@@ -140,10 +148,3 @@ def audit_grew(error: float, baseline_error: float, yardstick_error: float, max_
     transformers' own error in the same run (under that, a change is rounding and summation order, which
     move with library versions, not a regression)."""
     return error > max_growth * baseline_error and error > KERNEL_ERROR_FACTOR * yardstick_error
-
-# Data-parallel fine-tuning: the LoRA weights after 2 SGD steps (lr 0.5) of conformance.train_steps on 2
-# gloo ranks against one process over the same global batch of 4, fp32 on the CPU. Only summation order
-# differs (each rank's half-batch matmuls, then a 2-way all-reduce): measured 2.4e-8 on weights of |max|
-# 0.125 (qwen2_vl, torch 2.14). Ranks that skip the all-reduce measure 1.5e-3 (as did fastvision before
-# it undid TRL's bf16 cast of the adapters ahead of DDP's wrap): far past this bound.
-DDP_LORA_ATOL = 1e-6

@@ -11,8 +11,9 @@ template that places image tokens the way the real family does — but only a fe
     >>> path = zoo.checkpoint("gemma3")            # built once, then cached
     >>> model = AutoModelForImageTextToText.from_pretrained(path)
 
-A family is one `FamilyRecipe`; `build` is the same code for all of them. Bump `ZOO_VERSION`
-whenever a recipe, the corpus or the perturbation changes, so stale caches are not reused.
+A family (one of `conformance.families.NAMES`) is one `FamilyRecipe`; `build` is the same code for all of
+them. Bump `ZOO_VERSION` whenever a recipe, the corpus or the perturbation changes, so stale caches are not
+reused.
 """
 
 from __future__ import annotations
@@ -57,8 +58,11 @@ from transformers import (
     SiglipVisionConfig,
 )
 
+from conformance.families import FAMILIES as SUITE_FAMILIES
+from conformance.families import NAMES
+
 ZOO_VERSION = 2  # 2: Gemma3's zero-initialised image projection drawn at random
-FAMILIES: tuple[str, ...] = ("qwen2_vl", "qwen2_5_vl", "llava", "pixtral", "gemma3")
+FAMILIES: tuple[str, ...] = NAMES  # the suite's family records say which families there are; RECIPES builds each
 
 VOCAB_SIZE = 512
 # Every language model: hidden 192 = 6 query heads x head_dim 32 over 2 KV heads. A GQA ratio of 3
@@ -501,9 +505,7 @@ def prequantized(family: str, *, seed: int = 0) -> pathlib.Path:
 def _quantize(family: str, source: pathlib.Path, out: pathlib.Path) -> None:
     from transformers import BitsAndBytesConfig
 
-    from conformance.families import FAMILIES
-
-    family_record = FAMILIES[family]
+    family_record = SUITE_FAMILIES[family]
     config = BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=torch.float32,

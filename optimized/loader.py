@@ -15,15 +15,16 @@ from reference.loader import Backend
 
 TRITON = register("fastvision_triton", ops.attention)  # registered while an optimized model lives
 
-# Patches per family: only where transformers would otherwise loop per image/window or build a dense mask.
-FAMILY_PATCHES = {"qwen2_vl": qwen_vision, "qwen2_5_vl": qwen_vision, "pixtral": pixtral}
+# The vision patches a family record names (`FamilySpec.vision_patch`): only where transformers would
+# otherwise loop per image/window or build a dense mask.
+VISION_PATCHES = {"qwen_varlen": qwen_vision, "pixtral_segments": pixtral}
 
 
 def patch_model(model, family: FamilySpec) -> None:
     undo = []
-    module = FAMILY_PATCHES.get(family.name)
-    if module is not None and _served_by_us(model):
-        undo.append(functools.partial(module.unpatch, module.patch(model)))
+    if family.vision_patch is not None and _served_by_us(model):
+        module = VISION_PATCHES[family.vision_patch]
+        undo.append(functools.partial(module.unpatch, module.patch(model, family)))
     fused, head_fused = fused_layers.patch(model), fused_head.patch(model)
     model_ref = weakref.ref(model)  # held weakly: the model holds this function (no reference cycle)
     undo.append(lambda: fused_layers.unpatch(model_ref(), fused))

@@ -1,7 +1,11 @@
-"""One record per model family: where its parts live and what its attention looks like.
+"""One record per model family: everything fastvision knows of it.
 
-Quantization placement, the fast-inference rule and the per-family patches read these records; nothing
-in fastvision matches module names by substring. Module paths are those of transformers 5's
+Where its parts live, what its attention looks like, its LoRA targets, image tokens, chat template and
+4-bit twins, and which layers the optimized backend fuses. Quantization placement, the fast-inference
+rule, name resolution, the collator and the optimized backend's patches read these records; nothing else
+branches on a family's name, and nothing matches module names by substring. The optimized backend's part
+is named by class and module names and by string keys that `optimized` resolves, so `reference` never
+imports `optimized`; adding a family is adding a record. Module paths are those of transformers 5's
 `...ForConditionalGeneration` classes in memory (`model.language_model`, not the on-disk
 `language_model.model` that broke Unsloth's skip list when transformers renamed it).
 """
@@ -10,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from reference.chat_template_texts import CHATML, GEMMA3, LLAVA, MISTRAL
 from reference.errors import UnknownFamilyError
 
 
@@ -33,10 +38,34 @@ class FamilySpec:
     text_blocks: tuple[str, str] = ("self_attn", "mlp")
     # Tokens that stand for image content in the text: the collator masks them out of the labels.
     image_tokens: tuple[str, ...] = ()
+    # The chat template `get_chat_template` sets, under each of Unsloth's names for it.
+    chat_template: str = ""
+    chat_template_names: tuple[str, ...] = ()
+    # (16-bit hub id, its pre-quantized `-bnb-4bit` twin): `reference.naming`'s table.
+    four_bit_twins: tuple[tuple[str, str], ...] = ()
+    # What the optimized backend fuses (`optimized/patches/fused_layers.py`), by transformers' class and
+    # module names. RMSNorm classes, in Llama's style (cast, then `weight *`) or Gemma's (fp32 `x * (1 + w)`):
+    norm_classes: tuple[str, ...] = ()
+    norm_style: str = "llama"  # "llama" or "gemma"
+    # MLPs whose forward is exactly down_proj(act_fn(gate_proj(x)) * up_proj(x)).
+    gated_mlp_classes: tuple[str, ...] = ()
+    # transformers.models.<name>.modeling_<name> whose `apply_rotary_pos_emb` the text attention calls.
+    rotary_modules: tuple[str, ...] = ()
+    # The optimized backend's vision patch, by key (`optimized.loader.VISION_PATCHES`): "qwen_varlen" (one
+    # launch for the per-image/per-window loop of `vision_attention_classes`), "pixtral_segments" (the
+    # block-diagonal mask as segments), or None (transformers' tower already makes one batched call).
+    vision_patch: str | None = None
+    vision_attention_classes: tuple[str, ...] = ()
 
 
 # Qwen2-VL's vision span: <|vision_start|> <|image_pad|>... <|vision_end|>, and the video/vision pads.
 QWEN_IMAGE_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>", "<|vision_pad|>")
+
+
+# Each 16-bit model is on the hub under its maker's id and as Unsloth's mirror; both map to the one twin.
+def _twins(mirror: str, *originals: str) -> tuple[tuple[str, str], ...]:
+    return tuple((sixteen, f"{mirror}-bnb-4bit") for sixteen in (*originals, mirror))
+
 
 FAMILIES: dict[str, FamilySpec] = {
     spec.name: spec
@@ -52,6 +81,15 @@ FAMILIES: dict[str, FamilySpec] = {
             vision_layers="model.visual.blocks",
             vision_blocks=("attn", "mlp"),
             image_tokens=QWEN_IMAGE_TOKENS,
+            chat_template=CHATML,
+            chat_template_names=("qwen-2", "qwen2-vl"),
+            four_bit_twins=(*_twins("unsloth/Qwen2-VL-2B-Instruct", "Qwen/Qwen2-VL-2B-Instruct"),
+                            *_twins("unsloth/Qwen2-VL-7B-Instruct", "Qwen/Qwen2-VL-7B-Instruct")),
+            norm_classes=("Qwen2RMSNorm", "Qwen2VLRMSNorm"),  # Qwen2RMSNorm: transformers 5.17's name
+            gated_mlp_classes=("Qwen2MLP",),  # the vision tower's VisionMlp is fc2(act(fc1(x))), not gated
+            rotary_modules=("qwen2_vl",),
+            vision_patch="qwen_varlen",
+            vision_attention_classes=("VisionAttention",),
         ),
         FamilySpec(
             name="qwen2_5_vl",
@@ -65,6 +103,15 @@ FAMILIES: dict[str, FamilySpec] = {
             vision_layers="model.visual.blocks",
             vision_blocks=("attn", "mlp"),
             image_tokens=QWEN_IMAGE_TOKENS,
+            chat_template=CHATML,
+            chat_template_names=("qwen-2.5", "qwen2.5"),
+            four_bit_twins=(*_twins("unsloth/Qwen2.5-VL-3B-Instruct", "Qwen/Qwen2.5-VL-3B-Instruct"),
+                            *_twins("unsloth/Qwen2.5-VL-7B-Instruct", "Qwen/Qwen2.5-VL-7B-Instruct")),
+            norm_classes=("Qwen2RMSNorm", "Qwen2_5_VLRMSNorm"),  # Qwen2RMSNorm: transformers 5.17's name
+            gated_mlp_classes=("Qwen2MLP", "Qwen2_5_VLMLP"),  # text, vision
+            rotary_modules=("qwen2_5_vl",),
+            vision_patch="qwen_varlen",
+            vision_attention_classes=("Qwen2_5_VLVisionAttention",),
         ),
         FamilySpec(
             name="llava",
@@ -76,6 +123,12 @@ FAMILIES: dict[str, FamilySpec] = {
             text_attention="causal, Llama RoPE",
             vision_layers="model.vision_tower.encoder.layers",
             image_tokens=("<image>",),
+            chat_template=LLAVA,
+            chat_template_names=("llava",),
+            four_bit_twins=_twins("unsloth/llava-1.5-7b-hf", "llava-hf/llava-1.5-7b-hf"),
+            norm_classes=("LlamaRMSNorm",),  # CLIP's LayerNorms stay
+            gated_mlp_classes=("LlamaMLP",),
+            rotary_modules=("llama",),
         ),
         FamilySpec(
             name="pixtral",
@@ -88,6 +141,13 @@ FAMILIES: dict[str, FamilySpec] = {
             vision_layers="model.vision_tower.transformer.layers",
             vision_blocks=("attention", "feed_forward"),
             image_tokens=("[IMG]", "[IMG_BREAK]", "[IMG_END]"),
+            chat_template=MISTRAL,
+            chat_template_names=("mistral", "pixtral"),
+            four_bit_twins=_twins("unsloth/Pixtral-12B-2409", "mistral-community/pixtral-12b"),
+            norm_classes=("MistralRMSNorm", "PixtralRMSNorm"),
+            gated_mlp_classes=("MistralMLP", "PixtralMLP"),
+            rotary_modules=("mistral",),  # Pixtral's own 2-D rotary runs inside its vision attention, unfused
+            vision_patch="pixtral_segments",
         ),
         FamilySpec(
             name="gemma3",
@@ -100,6 +160,14 @@ FAMILIES: dict[str, FamilySpec] = {
             fast_inference=True,
             vision_layers="model.vision_tower.encoder.layers",
             image_tokens=("<start_of_image>", "<end_of_image>", "<image_soft_token>"),
+            chat_template=GEMMA3,
+            chat_template_names=("gemma-3", "gemma3"),
+            four_bit_twins=(*_twins("unsloth/gemma-3-4b-it", "google/gemma-3-4b-it"),
+                            *_twins("unsloth/gemma-3-12b-it", "google/gemma-3-12b-it")),
+            norm_classes=("Gemma3RMSNorm",),  # SigLIP's LayerNorms stay
+            norm_style="gemma",
+            gated_mlp_classes=("Gemma3MLP",),
+            rotary_modules=("gemma3",),
         ),
     )
 }

@@ -21,28 +21,13 @@ from huggingface_hub import constants as hub_constants
 from huggingface_hub import errors as hub_errors
 
 from reference.errors import CheckpointError, OfflineError
+from reference.families import FAMILIES
 
 logger = logging.getLogger("fastvision")
 
-# 16-bit id -> pre-quantized 4-bit twin. Lookups are case-insensitive (the hub's ids are).
-FOUR_BIT_TWINS = {
-    "Qwen/Qwen2-VL-2B-Instruct": "unsloth/Qwen2-VL-2B-Instruct-bnb-4bit",
-    "unsloth/Qwen2-VL-2B-Instruct": "unsloth/Qwen2-VL-2B-Instruct-bnb-4bit",
-    "Qwen/Qwen2-VL-7B-Instruct": "unsloth/Qwen2-VL-7B-Instruct-bnb-4bit",
-    "unsloth/Qwen2-VL-7B-Instruct": "unsloth/Qwen2-VL-7B-Instruct-bnb-4bit",
-    "Qwen/Qwen2.5-VL-3B-Instruct": "unsloth/Qwen2.5-VL-3B-Instruct-bnb-4bit",
-    "unsloth/Qwen2.5-VL-3B-Instruct": "unsloth/Qwen2.5-VL-3B-Instruct-bnb-4bit",
-    "Qwen/Qwen2.5-VL-7B-Instruct": "unsloth/Qwen2.5-VL-7B-Instruct-bnb-4bit",
-    "unsloth/Qwen2.5-VL-7B-Instruct": "unsloth/Qwen2.5-VL-7B-Instruct-bnb-4bit",
-    "llava-hf/llava-1.5-7b-hf": "unsloth/llava-1.5-7b-hf-bnb-4bit",
-    "unsloth/llava-1.5-7b-hf": "unsloth/llava-1.5-7b-hf-bnb-4bit",
-    "mistral-community/pixtral-12b": "unsloth/Pixtral-12B-2409-bnb-4bit",
-    "unsloth/Pixtral-12B-2409": "unsloth/Pixtral-12B-2409-bnb-4bit",
-    "google/gemma-3-4b-it": "unsloth/gemma-3-4b-it-bnb-4bit",
-    "unsloth/gemma-3-4b-it": "unsloth/gemma-3-4b-it-bnb-4bit",
-    "google/gemma-3-12b-it": "unsloth/gemma-3-12b-it-bnb-4bit",
-    "unsloth/gemma-3-12b-it": "unsloth/gemma-3-12b-it-bnb-4bit",
-}
+# 16-bit id -> pre-quantized 4-bit twin, from the family records. Lookups are case-insensitive (the hub's
+# ids are).
+FOUR_BIT_TWINS = {sixteen: four for spec in FAMILIES.values() for sixteen, four in spec.four_bit_twins}
 # 4-bit id -> its 16-bit twin: the unsloth/ mirror, which carries the same weights as the original.
 SIXTEEN_BIT_TWINS = {four: sixteen for sixteen, four in FOUR_BIT_TWINS.items() if sixteen.startswith("unsloth/")}
 

@@ -16,8 +16,14 @@ import optimized
 import reference
 from conformance import families, inputs, tolerances, zoo
 from optimized import ops
+from reference.families import FAMILIES
 from reference.ops.attention import AttentionSpec
 from reference.ops.attention import attention as reference_attention
+
+ALL = list(FAMILIES)
+QWEN_VARLEN = [name for name, spec in FAMILIES.items() if spec.vision_patch == "qwen_varlen"]
+PIXTRAL_SEGMENTS = [name for name, spec in FAMILIES.items() if spec.vision_patch == "pixtral_segments"]
+VISION_PATCHED = QWEN_VARLEN + PIXTRAL_SEGMENTS
 
 
 @pytest.fixture
@@ -86,7 +92,7 @@ def test_without_gpu_or_interpreter_each_fused_op_is_its_reference_twin(monkeypa
         assert torch.equal(one, two)
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", QWEN_VARLEN)
 def test_qwen_vision_attention_is_one_launch_per_layer(kernel_calls, family):
     model, _, _ = _forward(optimized, family)
     vision_calls = [spec for shape, spec in kernel_calls if spec.cu_seqlens is not None]
@@ -95,14 +101,15 @@ def test_qwen_vision_attention_is_one_launch_per_layer(kernel_calls, family):
     assert all(len(spec.cu_seqlens) > 2 for spec in vision_calls)
 
 
-def test_pixtral_block_mask_reaches_the_kernel_as_segments(kernel_calls):
-    _forward(optimized, "pixtral")
+@pytest.mark.parametrize("family", PIXTRAL_SEGMENTS)
+def test_pixtral_block_mask_reaches_the_kernel_as_segments(kernel_calls, family):
+    _forward(optimized, family)
     assert kernel_calls, "the kernel served nothing"
     assert all(spec.dense_mask is None for _, spec in kernel_calls)
     assert any(spec.cu_seqlens is not None for _, spec in kernel_calls)
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "pixtral"])
+@pytest.mark.parametrize("family", VISION_PATCHED)
 def test_a_reference_model_loaded_after_an_optimized_one_is_untouched(kernel_calls, family):
     _, batch, optimized_logits = _forward(optimized, family)
     served_by_optimized = len(kernel_calls)
@@ -150,7 +157,7 @@ def _text_layers(model) -> int:
     return config.num_hidden_layers
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "llava", "pixtral", "gemma3"])
+@pytest.mark.parametrize("family", ALL)
 def test_norms_gated_mlps_rotary_and_loss_run_fused_and_match_the_reference(fused_calls, family):
     model, processor = _load(optimized, family)
     reference_model, _ = _load(reference, family)
@@ -172,7 +179,7 @@ def test_norms_gated_mlps_rotary_and_loss_run_fused_and_match_the_reference(fuse
                                                                                     torch.float32)
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "llava", "pixtral", "gemma3"])
+@pytest.mark.parametrize("family", ALL)
 def test_a_training_forward_fuses_the_lm_head_into_the_loss_and_builds_no_logits(fused_calls, family):
     model, processor = _load(optimized, family)
     reference_model, _ = _load(reference, family)

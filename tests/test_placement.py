@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conformance import inputs, zoo
-from conformance.tolerances import MODEL_LOGITS_ATOL_FP32
+from conformance.tolerances import MODEL_LOGITS_ATOL
 from reference import FastVisionModel, placement
 from reference.errors import ArgumentValueError
 
@@ -51,7 +51,7 @@ def test_auto_with_max_memory_offloads_to_disk_with_the_projector_beside_the_vis
     assert dict((m, d) for m, d, _ in where.table()) == {m: str(d) for m, d in model.hf_device_map.items()}
     assert any("device_map='auto' placed the model over cpu, disk" in n for n in model.quantization_plan.notes)
     batch, expected = undispatched
-    assert (_logits(model, batch) - expected).abs().max() <= MODEL_LOGITS_ATOL_FP32
+    assert (_logits(model, batch) - expected).abs().max() <= MODEL_LOGITS_ATOL[torch.float32]
 
 
 def test_a_dict_places_modules_as_given(tmp_path, undispatched):
@@ -59,7 +59,7 @@ def test_a_dict_places_modules_as_given(tmp_path, undispatched):
     for module, device in LATER_LAYERS_ON_DISK.items():
         assert model.device_placement.device_of(module) == device, module
     batch, expected = undispatched
-    assert (_logits(model, batch) - expected).abs().max() <= MODEL_LOGITS_ATOL_FP32
+    assert (_logits(model, batch) - expected).abs().max() <= MODEL_LOGITS_ATOL[torch.float32]
 
 
 def test_keep_together_moves_a_projector_placed_apart():

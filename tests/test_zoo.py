@@ -176,7 +176,7 @@ def test_chat_template_places_the_image_like_the_family(loaded):
     prompt = _prompt(loaded.processor)
     assert prompt.count(IMAGE_MARKUP[loaded.family]) == 1
     assert prompt.endswith(ASSISTANT_CUE[loaded.family])
-    if loaded.family == "gemma3":  # the processor expands its boi token; the template must emit it
+    if getattr(loaded.processor, "boi_token", None):  # the processor expands its boi token; the template must emit it
         assert loaded.processor.boi_token in prompt
 
 

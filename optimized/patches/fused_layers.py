@@ -26,17 +26,19 @@ import sys
 
 from optimized import ops
 from optimized.patches import switched_on
+from reference.families import FAMILIES
 from reference.instance_methods import weakly_bound
 from reference.shared_state import SharedChange, module_attribute
 
-# RMSNorm classes -> Gemma3 style (fp32 `x * (1 + w)` before the cast) or Llama style (cast, then `w *`).
-NORM_CLASSES = {"LlamaRMSNorm": False, "MistralRMSNorm": False, "PixtralRMSNorm": False, "Qwen2RMSNorm": False,
-                "Qwen2VLRMSNorm": False, "Qwen2_5_VLRMSNorm": False, "Gemma3RMSNorm": True}
-# Gated MLPs whose forward is exactly down_proj(act_fn(gate_proj(x)) * up_proj(x)).
-GATED_MLP_CLASSES = ("LlamaMLP", "MistralMLP", "PixtralMLP", "Qwen2MLP", "Qwen2_5_VLMLP", "Gemma3MLP")
+# What to fuse comes from the family records (`FamilySpec.norm_classes`, `gated_mlp_classes`,
+# `rotary_modules`): every class any record names, whatever the model's family, so a checkpoint that mixes
+# parts (a Llava with a Mistral language model) gets each part fused.
+# RMSNorm classes -> Gemma style (fp32 `x * (1 + w)` before the cast) or Llama style (cast, then `w *`).
+NORM_CLASSES = {name: spec.norm_style == "gemma" for spec in FAMILIES.values() for name in spec.norm_classes}
+GATED_MLP_CLASSES = frozenset(name for spec in FAMILIES.values() for name in spec.gated_mlp_classes)
+ROTARY_MODULES = tuple(dict.fromkeys(name for spec in FAMILIES.values() for name in spec.rotary_modules))
 # Activation modules by class name (transformers' ACT2FN classes; nn.SiLU for "swish") -> the kernel's name.
 ACTIVATION_CLASSES = {"silu": ("SiLUActivation", "SiLU"), "gelu_tanh": ("GELUTanh", "PytorchGELUTanh")}
-ROTARY_MODULES = ("llama", "mistral", "qwen2_vl", "qwen2_5_vl", "gemma3")  # text apply_rotary_pos_emb
 
 _fused_rotary = contextvars.ContextVar("fastvision_fused_rotary", default=False)
 

@@ -17,6 +17,7 @@ import torch
 from transformers.models.pixtral import modeling_pixtral
 
 from optimized.patches import switched_on
+from reference.families import FamilySpec
 from reference.instance_methods import weakly_bound
 from reference.ops.attention import AttentionSpec
 from reference.shared_state import module_attribute
@@ -36,8 +37,9 @@ def _generate_block_attention_mask(patch_embeds_list, tensor):
 _STRUCTURED_MASK = module_attribute(modeling_pixtral, "generate_block_attention_mask", _generate_block_attention_mask)
 
 
-def patch(model) -> list:
-    """Route the model's Pixtral vision towers' masks through structure; returns them (for undo)."""
+def patch(model, family: FamilySpec) -> list:
+    """Route the model's Pixtral vision towers' masks through structure; returns them (for undo). Any
+    family whose tower is `PixtralVisionModel` (`vision_patch="pixtral_segments"`) is served alike."""
     _STRUCTURED_MASK.hold(model)
     towers = [m for m in model.modules() if isinstance(m, modeling_pixtral.PixtralVisionModel)]
     for tower in towers:

@@ -1,4 +1,4 @@
-"""Qwen2-VL and Qwen2.5-VL vision attention in one launch per layer.
+"""Qwen-style varlen vision attention (Qwen2-VL, Qwen2.5-VL: `vision_patch="qwen_varlen"`) in one launch per layer.
 
 transformers' vision attention, under any key without "flash" in it, splits q/k/v per image (Qwen2-VL)
 or per 64-patch window (Qwen2.5-VL: 81 windows for one 1008x1008 image) after a `.tolist()` host sync,
@@ -13,10 +13,9 @@ import sys
 
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from reference.families import FamilySpec
 from reference.instance_methods import weakly_bound
 from reference.ops.attention import AttentionSpec
-
-VISION_ATTENTION_CLASSES = ("VisionAttention", "Qwen2_5_VLVisionAttention")
 
 
 def varlen_vision_attention_forward(self, hidden_states, cu_seqlens, position_embeddings=None, **kwargs):
@@ -35,11 +34,12 @@ def varlen_vision_attention_forward(self, hidden_states, cu_seqlens, position_em
     return self.proj(out.reshape(seq_length, -1))
 
 
-def patch(model) -> list:
-    """Set the one-launch forward on every Qwen vision attention module; returns them (for undo)."""
+def patch(model, family: FamilySpec) -> list:
+    """Set the one-launch forward on every vision attention module of the family's classes
+    (`FamilySpec.vision_attention_classes`); returns them (for undo)."""
     patched = []
     for module in model.modules():
-        if type(module).__name__ in VISION_ATTENTION_CLASSES and hasattr(module, "qkv"):
+        if type(module).__name__ in family.vision_attention_classes and hasattr(module, "qkv"):
             module.forward = weakly_bound(varlen_vision_attention_forward, module)
             patched.append(module)
     return patched
