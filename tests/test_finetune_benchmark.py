@@ -65,11 +65,15 @@ def test_the_worker_steps_data_parallel_on_two_gloo_ranks(tmp_path):
     assert results[0]["gpus"] == 2 and results[0]["tokens_per_s"] > 0
 
 
-def test_the_ablation_times_each_variant_on_one_model_and_switches_what_it_names():
-    """benchmarks/finetune_ablation.py on the tiny checkpoint (optimized backend, its ops' twins on this CPU)."""
+def test_the_ablation_times_each_variant_on_one_model_and_switches_what_it_names(monkeypatch):
+    """benchmarks/finetune_ablation.py on the tiny checkpoint: the optimized backend with its ops' twins
+    (another test file in this worker may have set TRITON_INTERPRET; the interpreter made this 194 s)."""
     from transformers import AutoProcessor
 
+    from optimized import ops
     from reference import training
+
+    monkeypatch.setattr(ops, "interpreter_enabled", lambda: False)
 
     spec = importlib.util.spec_from_file_location("finetune_ablation", ROOT / "benchmarks" / "finetune_ablation.py")
     ablation = importlib.util.module_from_spec(spec)
