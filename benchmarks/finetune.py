@@ -343,10 +343,8 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--families", nargs="+", default=None)
-    parser.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=CONTENDERS)
+def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
+    """The workload's options, shared with finetune_ablation.py."""
     parser.add_argument("--bits", type=int, default=4, choices=(4, 16))
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=2000)
@@ -355,8 +353,23 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
-    parser.add_argument("--suffix", default="", help="appended to the result file names")
     parser.add_argument("--smoke", action="store_true", help="CPU plumbing check: 1 layer, short text, 1 step")
+
+
+def workload_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """Parsed options, shrunk to the smoke workload where --smoke asks for it."""
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.text_layers, args.vision_layers, args.batch, args.tokens, args.warmup, args.steps = 1, 1, 1, 16, 1, 1
+    return args
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--families", nargs="+", default=None)
+    parser.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=CONTENDERS)
+    add_workload_arguments(parser)
+    parser.add_argument("--suffix", default="", help="appended to the result file names")
     parser.add_argument("--profile", metavar="DIR", help="write each contender's top GPU kernels to DIR (a worker: "
                         "the file)")
     parser.add_argument("--gpus", type=int, default=1, help="also run optimized and reference data-parallel on "
@@ -364,7 +377,7 @@ def main(argv=None) -> int:
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--batch-file", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    args = workload_args(parser, argv)
     if args.worker:
         args.contender = args.worker
         return worker(args)
@@ -374,8 +387,6 @@ def main(argv=None) -> int:
     args.families = args.families or list(model_bench.FAMILIES)
     if args.profile:
         pathlib.Path(args.profile).mkdir(parents=True, exist_ok=True)
-    if args.smoke:
-        args.text_layers, args.vision_layers, args.batch, args.tokens, args.warmup, args.steps = 1, 1, 1, 16, 1, 1
     result = run(args)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

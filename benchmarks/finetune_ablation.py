@@ -108,19 +108,9 @@ def markdown(result: dict) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--families", nargs="+", default=list(model_bench.FAMILIES))
-    parser.add_argument("--bits", type=int, default=4, choices=(4, 16))
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--tokens", type=int, default=2000)
-    parser.add_argument("--text-layers", type=int, default=6)
-    parser.add_argument("--vision-layers", type=int, default=8)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=10)
+    finetune.add_workload_arguments(parser)
     parser.add_argument("--host-profile", metavar="DIR")
-    parser.add_argument("--smoke", action="store_true", help="CPU plumbing check: 1 layer, short text, 1 step")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
-    args = parser.parse_args(argv)
-    if args.smoke:
-        args.text_layers, args.vision_layers, args.batch, args.tokens, args.warmup, args.steps = 1, 1, 1, 16, 1, 1
+    args = finetune.workload_args(parser, argv)
     with tempfile.TemporaryDirectory() as directory:
         rows = [row for family in args.families for row in run_family(family, args, pathlib.Path(directory))]
     result = {"device": model_bench.card(), "versions": {**model_bench.versions(), **finetune._peer_versions()},
