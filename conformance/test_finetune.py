@@ -354,9 +354,14 @@ def test_the_training_loss_and_its_lora_gradients_match_transformers_with_the_sa
     repro += "; model.train(); model(**batch, labels=labels).loss.backward()"
     dtype = model.get_input_embeddings().weight.dtype
     batch = inputs.image_batch(processor).to(device)
-    # Padding and the first third of every row ignored, as a responses-only collator leaves the prompt.
-    labels = batch["input_ids"].masked_fill(~batch["attention_mask"].bool(), -100)
-    labels[:, : labels.shape[1] // 3] = -100
+    # Padding and the first third of every row's own tokens ignored, as a responses-only collator leaves the
+    # prompt. Counted from each row's first token, not from column 0: a row left-padded by a third or more (16
+    # of 48 columns in Qwen3-VL's batch) would otherwise keep the label its last pad position predicts, and a
+    # fully masked row's logits are the backend's own (0 from the contract's attention, a uniform average in
+    # eager): a loss gap of 3e-3 that says nothing of training.
+    valid = batch["attention_mask"].bool()
+    prompt = valid.cumsum(dim=1) <= valid.sum(dim=1, keepdim=True) // 3
+    labels = batch["input_ids"].masked_fill(~valid | prompt, -100)
     with checks.reproducing(repro):
         loss, grads, logits = training_loss_and_lora_grads(model, batch, labels)
     truth, truth_grads, truth_logits = training_loss_and_lora_grads(eager_with(model, family, device, torch.float32),
