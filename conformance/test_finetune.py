@@ -73,6 +73,14 @@ def expected_targets(model, family: str, vision, language, attention, mlp, last_
                     full = f"{path}.{index}.{block}.{name}"
                     if isinstance(module, nn.Linear) and (explicit is None or full.rsplit(".", 1)[-1] in explicit):
                         wanted.add(full)
+    # docs/contract.md: the projector/merger (and lm_head) get adapters only by name in target_modules, once the
+    # flags select some part and block (else the flags' ValueError). A layer's leaf name can name one there too:
+    # Qwen3-VL's vision MLP and its mergers both have linear_fc1 / linear_fc2.
+    flags_select = (vision or language) and (attention or mlp)
+    for name, module in model.named_modules() if explicit is not None and flags_select else ():
+        inside = any(name.startswith(path + ".") for path in (record.vision_layers, record.text_layers))
+        if isinstance(module, nn.Linear) and not inside and name.rsplit(".", 1)[-1] in explicit:
+            wanted.add(name)
     return wanted
 
 
