@@ -1,7 +1,7 @@
 """One 4-bit training step per family: optimized vs reference vs plain transformers, side by side.
 
 For each family a random-weight checkpoint with the real widths of a representative model
-(Qwen2-VL-2B, Qwen2.5-VL-3B, Llava-1.5-7B, Pixtral-12B, Gemma3-4B) and the same cut layer count for
+(Qwen2-VL-2B, Qwen2.5-VL-3B, Qwen3-VL-4B, Llava-1.5-7B, Pixtral-12B, Gemma3-4B) and the same cut layer count for
 every contender, loaded in 4-bit (language-model linears NF4, the rest 16-bit: the same placement for
 all three, so only attention and patches differ). A step is forward + backward with the base frozen
 and input gradients on, on 4 samples of one image plus text, about 2,000 tokens each. Step time is
@@ -130,6 +130,34 @@ FAMILIES = {
         {},
         (448, 448),
         dict(pixels=448 * 448),
+        resize=_resize_qwen,
+        vision_depth_key="depth",
+    ),
+    "qwen3_vl": BenchFamily(
+        "Qwen3-VL-4B",
+        dict(
+            hidden_size=2560,
+            intermediate_size=9728,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            head_dim=128,
+            vocab_size=151936,
+            mrope_section=[24, 20, 20],  # interleaved (the zoo config's mrope_interleaved), over head_dim/2 = 64
+        ),
+        dict(
+            hidden_size=1024,
+            out_hidden_size=2560,
+            intermediate_size=4096,
+            num_heads=16,
+            patch_size=16,
+            spatial_merge_size=2,
+            num_position_embeddings=2304,
+            # The 4B taps blocks 5, 11, 17 of 24 (every 6th from the 6th): the same places in the cut tower.
+            deepstack_visual_indexes=[1, 3, 5],
+        ),
+        {},
+        (448, 448),
+        dict(pixels=448 * 448),  # 28x28 patches of 16 = 14x14 = 196 merged tokens
         resize=_resize_qwen,
         vision_depth_key="depth",
     ),

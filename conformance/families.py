@@ -128,6 +128,25 @@ FAMILIES: dict[str, Family] = {
             four_bit_twin=("unsloth/Qwen2.5-VL-3B-Instruct", "unsloth/Qwen2.5-VL-3B-Instruct-bnb-4bit"),
         ),
         Family(
+            name="qwen3_vl",
+            model_type="qwen3_vl",
+            vision_model_type="qwen3_vl_vision",
+            model_class="Qwen3VLForConditionalGeneration",
+            processor_class="Qwen3VLProcessor",
+            vision_tower="model.visual",
+            # The final merger; the DeepStack mergers (model.visual.deepstack_merger_list) also project to the
+            # LM width but sit in the tower's namespace, so they count as vision tower (kept 16-bit either way).
+            projector="model.visual.merger",
+            vision_layers="model.visual.blocks",
+            text_attention_class="Qwen3VLTextAttention",
+            vision_attention_class="Qwen3VLVisionAttention",
+            vision_blocks=("attn", "mlp"),
+            image_tokens=("<|vision_start|>", "<|image_pad|>", "<|vision_end|>"),
+            turn_markers=("<|im_start|>user\n", "<|im_start|>assistant\n"),
+            vision_call="per_image",  # Qwen3VLVisionAttention: split by cu_seqlens, mask None, is_causal=False
+            four_bit_twin=("unsloth/Qwen3-VL-4B-Instruct", "unsloth/Qwen3-VL-4B-Instruct-bnb-4bit"),
+        ),
+        Family(
             name="llava",
             model_type="llava",
             vision_model_type="clip_vision_model",

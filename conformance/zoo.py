@@ -1,4 +1,4 @@
-"""Tiny, deterministic, offline checkpoints of the five VLM families.
+"""Tiny, deterministic, offline checkpoints of each VLM family.
 
 No weights can be downloaded here, and users' CI often can't either, so every test and the README's
 run command use these instead. Each checkpoint is structurally real — the family's own config class
@@ -55,6 +55,9 @@ from transformers import (
     Qwen2VLImageProcessor,
     Qwen2VLProcessor,
     Qwen2VLVideoProcessor,
+    Qwen3VLConfig,
+    Qwen3VLProcessor,
+    Qwen3VLVideoProcessor,
     SiglipVisionConfig,
 )
 
@@ -145,6 +148,12 @@ _QWEN_TEMPLATE = (
     "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+# Qwen3-VL-Instruct: the same ChatML, without a default system turn.
+_QWEN3_TEMPLATE = _QWEN_TEMPLATE.replace(
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}",
+    "",
+)
 # llava-1.5-hf: images first, then text, "USER: ... ASSISTANT:".
 _LLAVA_TEMPLATE = (
     "{% for message in messages %}{{ message['role'].upper() }}: "
@@ -200,6 +209,36 @@ def _qwen_config(
         )
 
     return make
+
+
+def _qwen3_vl_config(ids: dict[str, int], text: dict[str, Any]) -> PreTrainedConfig:
+    # Interleaved M-RoPE: the real [24, 20, 20] of head_dim/2 = 64, scaled to 16 -> [6, 5, 5] (t takes every
+    # third frequency from 0, h from 1, w from 2). Vision: 3 blocks of patch 16 (the real 16, not Qwen2's 14);
+    # DeepStack taps blocks 0 and 1, whose merged features are added after text layers 0 and 1 (the 4B model
+    # taps blocks 5, 11, 17 of 24 into text layers 0-2). A learned 8x8 position grid (the real 48x48) is
+    # resampled bilinearly to each image's grid. Width 48 (head_dim 24, a multiple of 4 for the 2-D RoPE), not
+    # VISION's 64: each of the 3 mergers is (4 x width)^2 + 4 x width x 192 weights, and at 64 they put the
+    # checkpoint at 4.99 MB against test_zoo's 5 MB budget.
+    rope = {"rope_type": "default", "rope_theta": 5e6, "mrope_section": [6, 5, 5], "mrope_interleaved": True}
+    vision = {
+        "depth": 3,
+        "hidden_size": 48,
+        "intermediate_size": 96,
+        "num_heads": VISION["num_attention_heads"],
+        "patch_size": 16,
+        "spatial_merge_size": 2,
+        "out_hidden_size": TEXT["hidden_size"],
+        "num_position_embeddings": 64,
+        "deepstack_visual_indexes": [0, 1],
+    }
+    return Qwen3VLConfig(
+        text_config={**text, "rope_parameters": rope},
+        vision_config=vision,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
 
 
 def _llava_config(ids: dict[str, int], text: dict[str, Any]) -> PreTrainedConfig:
@@ -268,6 +307,19 @@ def _qwen_processor(
         )
 
     return make
+
+
+def _qwen3_vl_processor(tokenizer: PreTrainedTokenizerFast, chat_template: str) -> ProcessorMixin:
+    # Patch 16, merge 2: sides round to multiples of 32, so a 96x80 image resizes to 96x64 = 6x4 patches =
+    # 3x2 merged tokens. Qwen3VLProcessor requires a video processor (its own class) beside the image one.
+    size = {"shortest_edge": 64 * 64, "longest_edge": 128 * 128}
+    vision = {"patch_size": 16, "merge_size": 2, "size": size}
+    return Qwen3VLProcessor(
+        image_processor=Qwen2VLImageProcessor(**vision),
+        tokenizer=tokenizer,
+        video_processor=Qwen3VLVideoProcessor(**vision),
+        chat_template=chat_template,
+    )
 
 
 def _llava_processor(tokenizer: PreTrainedTokenizerFast, chat_template: str) -> ProcessorMixin:
@@ -345,6 +397,12 @@ RECIPES: dict[str, FamilyRecipe] = {
             },
         ),
         make_processor=_qwen_processor(Qwen2_5_VLProcessor),
+    ),
+    "qwen3_vl": FamilyRecipe(
+        family="qwen3_vl",
+        **{**_QWEN_TOKENS, "chat_template": _QWEN3_TEMPLATE},
+        make_config=_qwen3_vl_config,
+        make_processor=_qwen3_vl_processor,
     ),
     "llava": FamilyRecipe(
         family="llava",

@@ -38,6 +38,13 @@ CHATML = (
     + _content("<|vision_start|><|image_pad|><|vision_end|>")
     + "<|im_end|>\n{%- endfor -%}{%- if add_generation_prompt -%}<|im_start|>assistant\n{%- endif -%}"
 )
+# Qwen3(-VL)-Instruct: ChatML without a default system turn.
+QWEN3 = (
+    "{%- for message in messages -%}"
+    "<|im_start|>{{ message['role'] }}\n"
+    + _content("<|vision_start|><|image_pad|><|vision_end|>")
+    + "<|im_end|>\n{%- endfor -%}{%- if add_generation_prompt -%}<|im_start|>assistant\n{%- endif -%}"
+)
 LLAVA = (
     "{%- for message in messages -%}{{ message['role'].upper() }}: "
     + _content("<image>\n")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from reference.chat_template_texts import CHATML, GEMMA3, LLAVA, MISTRAL
+from reference.chat_template_texts import CHATML, GEMMA3, LLAVA, MISTRAL, QWEN3
 from reference.errors import UnknownFamilyError
 
 
@@ -112,6 +112,29 @@ FAMILIES: dict[str, FamilySpec] = {
             rotary_modules=("qwen2_5_vl",),
             vision_patch="qwen_varlen",
             vision_attention_classes=("Qwen2_5_VLVisionAttention",),
+        ),
+        FamilySpec(
+            name="qwen3_vl",
+            model_type="qwen3_vl",
+            vision_model_type="qwen3_vl_vision",
+            vision_tower="model.visual",
+            projector="model.visual.merger",  # the DeepStack mergers sit beside it in the tower, kept 16-bit too
+            vision_attention="full attention per image (varlen cu_seqlens), 2-D RoPE",
+            text_attention="causal GQA, interleaved M-RoPE, QK-norm; DeepStack adds vision features to early layers",
+            vision_layers="model.visual.blocks",
+            vision_blocks=("attn", "mlp"),
+            image_tokens=QWEN_IMAGE_TOKENS,
+            chat_template=QWEN3,
+            chat_template_names=("qwen-3", "qwen3"),
+            four_bit_twins=(*_twins("unsloth/Qwen3-VL-2B-Instruct", "Qwen/Qwen3-VL-2B-Instruct"),
+                            *_twins("unsloth/Qwen3-VL-4B-Instruct", "Qwen/Qwen3-VL-4B-Instruct"),
+                            *_twins("unsloth/Qwen3-VL-8B-Instruct", "Qwen/Qwen3-VL-8B-Instruct")),
+            # The text norms, q_norm/k_norm on (..., head_dim) included; the tower's norms are LayerNorms.
+            norm_classes=("Qwen3VLTextRMSNorm",),
+            gated_mlp_classes=("Qwen3VLTextMLP",),  # the tower's Qwen3VLVisionMLP is fc2(act(fc1(x))), not gated
+            rotary_modules=("qwen3_vl",),
+            vision_patch="qwen_varlen",
+            vision_attention_classes=("Qwen3VLVisionAttention",),
         ),
         FamilySpec(
             name="llava",

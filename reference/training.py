@@ -51,7 +51,27 @@ def offloaded_checkpoint(function, *args, **kwargs):
 
 def replayed_checkpoint(function, *args, **kwargs):
     """The layer under no_grad, replayed in the backward from its input kept in host memory."""
-    return _ReplayedCheckpoint.apply(functools.partial(function, **kwargs) if kwargs else function, *args)
+    function = functools.partial(function, **kwargs) if kwargs else function
+    if torch.is_grad_enabled() and not any(torch.is_tensor(a) and a.requires_grad for a in args) \
+            and _has_trainable_weights(function):
+        # No input needs a gradient, so autograd would never call this layer's backward and its LoRA weights
+        # would get none: the vision tower's input, where `enable_input_require_grads` does not reach it
+        # (Qwen3VLVisionModel names no `_input_embed_layer` in transformers 5.24: its vision LoRA trained 0 of
+        # 24 weights). An empty input that requires grad makes autograd call it.
+        anchor = torch.empty(0, requires_grad=True)
+        return _ReplayedCheckpoint.apply(lambda *a: function(*a[:-1]), *args, anchor)
+    return _ReplayedCheckpoint.apply(function, *args)
+
+
+def _has_trainable_weights(function) -> bool:
+    """Whether the layer `function` runs (transformers passes `partial(forward, layer, ...)`) has weights that
+    require grad; True where the layer cannot be found, so a gradient is never lost."""
+    while isinstance(function, functools.partial):
+        layer = next((a for a in function.args if isinstance(a, nn.Module)), None)
+        if layer is not None:
+            return any(p.requires_grad for p in layer.parameters())
+        function = function.func
+    return True
 
 
 def recorded_checkpoint(function, *args, **kwargs):

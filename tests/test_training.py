@@ -3,6 +3,8 @@ exactly, the saved layer input held in host memory, and under a process group a 
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -88,3 +90,15 @@ def test_under_a_process_group_checkpointed_weights_are_reachable_from_the_outpu
     block = Block()
     out = offloaded_checkpoint(block.forward, torch.randn(2, 8, requires_grad=True))
     assert {id(block.linear.weight), id(block.linear.bias)} <= _reachable(out.grad_fn)
+
+
+def test_a_layer_whose_input_needs_no_gradient_still_gets_its_weight_gradients(process_group):
+    """A vision tower's first layer gets patch embeddings of pixels, which need no gradient (Qwen3-VL's, which
+    `enable_input_require_grads` does not reach); its weights (LoRA) do. transformers passes
+    `partial(forward, layer, ...)`."""
+    block = Block().eval()
+    hidden = torch.randn(3, 8)
+    block(hidden).square().sum().backward()
+    want, block.linear.weight.grad = block.linear.weight.grad, None
+    offloaded_checkpoint(functools.partial(Block.forward, block), hidden).square().sum().backward()
+    assert torch.equal(block.linear.weight.grad, want) and hidden.grad is None

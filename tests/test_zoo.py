@@ -22,6 +22,7 @@ MAX_CHECKPOINT_BYTES = 5 * 10**6
 IMAGE_MARKUP = {
     "qwen2_vl": "<|vision_start|><|image_pad|><|vision_end|>",
     "qwen2_5_vl": "<|vision_start|><|image_pad|><|vision_end|>",
+    "qwen3_vl": "<|vision_start|><|image_pad|><|vision_end|>",
     "llava": "<image>\n",
     "pixtral": "[INST][IMG]",
     "gemma3": "<start_of_image>",
@@ -29,6 +30,7 @@ IMAGE_MARKUP = {
 ASSISTANT_CUE = {
     "qwen2_vl": "<|im_start|>assistant\n",
     "qwen2_5_vl": "<|im_start|>assistant\n",
+    "qwen3_vl": "<|im_start|>assistant\n",
     "llava": "ASSISTANT:",
     "pixtral": "[/INST]",
     "gemma3": "<start_of_turn>model\n",
@@ -43,6 +45,7 @@ _QWEN_IDS = {
 CONFIG_TOKENS = {
     "qwen2_vl": _QWEN_IDS,
     "qwen2_5_vl": _QWEN_IDS,
+    "qwen3_vl": _QWEN_IDS,
     "llava": {"image_token_id": "<image>"},
     "pixtral": {"image_token_id": "[IMG]"},
     "gemma3": {
@@ -55,6 +58,7 @@ CONFIG_TOKENS = {
 MODEL_TYPES = {
     "qwen2_vl": ("qwen2_vl", "qwen2_vl_text", "qwen2_vl_vision"),
     "qwen2_5_vl": ("qwen2_5_vl", "qwen2_5_vl_text", "qwen2_5_vl_vision"),
+    "qwen3_vl": ("qwen3_vl", "qwen3_vl_text", "qwen3_vl_vision"),
     "llava": ("llava", "llama", "clip_vision_model"),
     "pixtral": ("llava", "mistral", "pixtral"),  # Pixtral is Llava with another encoder and LM
     "gemma3": ("gemma3", "gemma3_text", "siglip_vision_model"),
@@ -113,7 +117,7 @@ def test_model_types_are_the_familys(loaded):
     assert types == MODEL_TYPES[loaded.family]
 
 
-@pytest.mark.parametrize("loaded", ["qwen2_vl", "qwen2_5_vl"], indirect=True)
+@pytest.mark.parametrize("loaded", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"], indirect=True)
 def test_qwen_mrope_sections_cover_half_the_head(loaded):
     text = loaded.model.config.text_config
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
@@ -131,6 +135,21 @@ def test_qwen2_5_vision_has_several_windows_and_one_full_block(loaded):
     # window_size is in pixels; windows tile the grid of merged tokens.
     edge = vision.window_size // (vision.patch_size * vision.spatial_merge_size)
     assert -(-height // edge) * -(-width // edge) > 1
+
+
+@pytest.mark.parametrize("loaded", ["qwen3_vl"], indirect=True)
+def test_qwen3_deepstack_feeds_every_text_layer_from_inside_the_tower(loaded):
+    # DeepStack adds the merged features of tower block deepstack_visual_indexes[i] after text layer i: every
+    # tiny text layer gets one, from a block before the last (whose output goes to the final merger).
+    config = loaded.model.config
+    indexes = config.vision_config.deepstack_visual_indexes
+    assert len(indexes) == config.text_config.num_hidden_layers
+    assert all(0 <= i < config.vision_config.depth - 1 for i in indexes)
+    assert config.text_config.rope_parameters["mrope_interleaved"]
+    inputs = loaded.processor(text=[_prompt(loaded.processor)], images=[zoo.sample_image()], return_tensors="pt")
+    with torch.no_grad():
+        features = loaded.model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+    assert len(features.deepstack_features) == len(indexes)
 
 
 @pytest.mark.parametrize("loaded", ["gemma3"], indirect=True)
