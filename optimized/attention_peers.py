@@ -1,5 +1,5 @@
-"""Which attention calls the optimized backend hands to a peer -- PyTorch's SDPA pinned to cuDNN, then
-flash -- instead of its Triton kernel: the kinds of call where the committed measurements put the kernel
+"""Which attention calls the optimized backend hands to a peer -- PyTorch's SDPA -- instead of its Triton
+kernel: the kinds of call where the committed measurements put the kernel
 behind the best peer. The rule is decided once per kind of call (device, dtype, mask, head dim, grouping)
 and recorded, so `routes()` says what this process ran where.
 
@@ -9,11 +9,21 @@ forward + backward):
   - unmasked full attention, head dim 72 (SigLIP, Gemma3's vision tower): 0.51 / 0.42 (padding to 128
     measured worse, 0.30);
   - causal attention without padding, head dim 128, one KV head per query head (Llava's Llama text):
-    0.79 / 0.79.
-Everything with structure (padding, segments, windows, spans, softcap), grouped-query heads and other
-head dims stays on the kernel: there it is ahead (Gemma3's sliding window 1.45 / 1.63) or SDPA would need
-a dense mask. SDPA's causal mask is top-left aligned, the spec's bottom-right: only Sq == Sk is routed.
-The peers need a CUDA device and 16-bit inputs; on the CPU (the interpreter's tests) nothing is routed.
+    0.79 / 0.79;
+  - the same with grouped-query heads (Qwen2-VL, Qwen2.5-VL, Pixtral and Mistral 3 text; the headline
+    `text_causal_gqa_d128`, 28 query heads on 4 KV heads): 0.91 / 0.83 of cuDNN. SDPA takes the groups
+    itself (`enable_gqa`), without repeating K/V.
+On the H200 (`benchmarks/results/attention-h200-routed.*`) the four routed kinds read 0.96-1.02 of the best
+peer through the backend's op (the spread among timings of the same cuDNN kernel; the CLIP row is host-bound).
+Everything with structure (padding, segments, windows, spans, softcap) and other head dims stays on the
+kernel: there it is ahead (Gemma3's sliding window 1.45 / 1.63) or SDPA would need a dense mask. SDPA's
+causal mask is top-left aligned, the spec's bottom-right: only Sq == Sk is routed. The peers need a CUDA
+device and 16-bit inputs; on the CPU (the interpreter's tests) nothing is routed.
+
+The peer is SDPA with PyTorch's own choice of backend, as transformers calls it: in the table above that
+choice was at least as fast as cuDNN pinned in all eight routed rows (341.1 vs 341.2 TFLOP/s forward at
+d72, within noise; 181 vs 137 at d64, where entering `sdpa_kernel` per call is a visible share of a 577-token
+call).
 """
 
 from __future__ import annotations
@@ -26,7 +36,7 @@ import torch.nn.functional as F
 
 from reference.ops.attention import AttentionSpec
 
-PEER = "sdpa (cuDNN, then flash)"
+PEER = "sdpa (PyTorch's choice of backend)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,11 +50,12 @@ class CallKind:
     grouped: bool  # fewer KV heads than query heads
 
 
-# (mask, head dim) -> why the peer serves it (ungrouped heads, 16-bit, CUDA).
+# (mask, head dim, grouped) -> why the peer serves it (16-bit, CUDA).
 ROUTED = {
-    ("full", 64): "CLIP-like: the kernel measured 0.39x / 0.41x of SDPA",
-    ("full", 72): "SigLIP-like: the kernel measured 0.51x / 0.42x of SDPA cuDNN",
-    ("causal", 128): "Llama-like text: the kernel measured 0.79x / 0.79x of SDPA cuDNN",
+    ("full", 64, False): "CLIP-like: the kernel measured 0.39x / 0.41x of SDPA",
+    ("full", 72, False): "SigLIP-like: the kernel measured 0.51x / 0.42x of SDPA cuDNN",
+    ("causal", 128, False): "Llama-like text: the kernel measured 0.79x / 0.79x of SDPA cuDNN",
+    ("causal", 128, True): "grouped-query text: the kernel measured 0.91x / 0.83x of SDPA cuDNN",
 }
 _PEER_DTYPES = (torch.float16, torch.bfloat16)
 _decided: dict[CallKind, str | None] = {}
@@ -66,9 +77,9 @@ def kind_of(q: torch.Tensor, k: torch.Tensor, spec: AttentionSpec) -> CallKind:
 def peer_for(kind: CallKind) -> str | None:
     """The reason the peer serves `kind`, or None for the kernel; decided once per kind, then recorded."""
     if kind not in _decided:
-        eligible = kind.device == "cuda" and kind.dtype in _PEER_DTYPES and not kind.grouped
+        eligible = kind.device == "cuda" and kind.dtype in _PEER_DTYPES
         with _lock:
-            _decided[kind] = ROUTED.get((kind.mask, kind.head_dim)) if eligible else None
+            _decided[kind] = ROUTED.get((kind.mask, kind.head_dim, kind.grouped)) if eligible else None
     return _decided[kind]
 
 
@@ -78,11 +89,7 @@ def routes() -> dict[CallKind, str | None]:
 
 
 def peer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec) -> torch.Tensor:
-    """The call through SDPA, pinned to cuDNN then flash on a GPU (PyTorch picks on the CPU)."""
+    """The call through SDPA, grouped-query heads passed as such (`enable_gqa`)."""
     scale = spec.resolved_scale(q.shape[-1])
-    if not q.is_cuda:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=spec.causal, scale=scale)
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION], set_priority=True):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=spec.causal, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=spec.causal, scale=scale,
+                                          enable_gqa=k.shape[1] != q.shape[1])

@@ -26,16 +26,16 @@ def fresh_decisions(monkeypatch):
     monkeypatch.setattr(attention_peers, "_decided", {})
 
 
-@pytest.mark.parametrize(("mask", "head_dim"), sorted(attention_peers.ROUTED))
+@pytest.mark.parametrize(("mask", "head_dim", "grouped"), sorted(attention_peers.ROUTED))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_the_measured_kinds_go_to_the_peer_on_a_gpu_in_16_bit(mask, head_dim, dtype):
-    assert attention_peers.peer_for(CallKind("cuda", dtype, mask, head_dim, grouped=False)) is not None
+def test_the_measured_kinds_go_to_the_peer_on_a_gpu_in_16_bit(mask, head_dim, grouped, dtype):
+    assert attention_peers.peer_for(CallKind("cuda", dtype, mask, head_dim, grouped)) is not None
 
 
 @pytest.mark.parametrize("kind", [
     CallKind("cpu", torch.bfloat16, "full", 64, grouped=False),  # the interpreter: the kernel is what is tested
     CallKind("cuda", torch.float32, "full", 64, grouped=False),  # cuDNN and flash take 16-bit only
-    CallKind("cuda", torch.bfloat16, "full", 64, grouped=True),
+    CallKind("cuda", torch.bfloat16, "full", 64, grouped=True),  # not measured: no vision tower groups
     CallKind("cuda", torch.bfloat16, "structured", 64, grouped=False),
     CallKind("cuda", torch.bfloat16, "causal", 256, grouped=False),  # Gemma3's text: the kernel is ahead
     CallKind("cuda", torch.bfloat16, "full", 80, grouped=False),  # Qwen2-VL's vision is varlen anyway
@@ -63,7 +63,7 @@ def test_a_call_reads_as_structured_whenever_it_has_more_than_causality():
 
 def test_each_kind_is_decided_once_and_recorded(monkeypatch):
     assert attention_peers.peer_for(CLIP) is not None
-    monkeypatch.setitem(attention_peers.ROUTED, ("full", 64), None)  # a changed rule is not re-read
+    monkeypatch.setitem(attention_peers.ROUTED, ("full", 64, False), None)  # a changed rule is not re-read
     assert attention_peers.peer_for(CLIP) is not None and list(attention_peers.routes()) == [CLIP]
 
 
@@ -77,12 +77,14 @@ def test_the_op_takes_the_peer_route_where_the_rule_says(monkeypatch):
     assert ops.attention(q, q, q, causal) is not q and calls == [full]  # the kernel's own result
 
 
+@pytest.mark.parametrize("kv_heads", [6, 2], ids=["mha", "gqa"])
 @pytest.mark.parametrize("spec", [AttentionSpec(), AttentionSpec(causal=True), AttentionSpec(scale=0.3)],
                          ids=["full", "causal", "scale"])
-def test_the_peer_computes_the_spec_forward_and_backward(spec):
+def test_the_peer_computes_the_spec_forward_and_backward(spec, kv_heads):
     torch.manual_seed(0)
-    q, k, v = (torch.randn(2, 3, 37, 64, requires_grad=True) for _ in range(3))
-    grad_out = torch.randn(2, 3, 37, 64)
+    q = torch.randn(2, 6, 37, 64, requires_grad=True)
+    k, v = (torch.randn(2, kv_heads, 37, 64, requires_grad=True) for _ in range(2))
+    grad_out = torch.randn(2, 6, 37, 64)
     out = attention_peers.peer_attention(q, k, v, spec)
     twin = attention(q, k, v, spec)
     exact, _ = attention_oracle(q, k, v, spec)
