@@ -173,6 +173,31 @@ FAMILIES: dict[str, FamilySpec] = {
             vision_patch="pixtral_segments",
         ),
         FamilySpec(
+            name="mistral3",
+            model_type="mistral3",
+            vision_model_type="pixtral",
+            vision_tower="model.vision_tower",
+            # RMSNorm, the 2x2 patch merger (merging_layer) and linear_1/linear_2, all kept 16-bit.
+            projector="model.multi_modal_projector",
+            vision_attention="2-D RoPE, block-diagonal across images; a learned 2x2 patch merger after the tower",
+            text_attention="causal GQA (Mistral; a sliding window where the config sets one, none in Mistral-Small)",
+            vision_layers="model.vision_tower.transformer.layers",
+            vision_blocks=("attention", "feed_forward"),
+            image_tokens=("[IMG]", "[IMG_BREAK]", "[IMG_END]"),
+            # No chat template of ours: Unsloth's one Mistral name, "mistral", is Pixtral's [INST] template
+            # (the checkpoint's own template, with its [SYSTEM_PROMPT], stays on the processor).
+            four_bit_twins=(*_twins("unsloth/Mistral-Small-3.1-24B-Instruct-2503",
+                                    "mistralai/Mistral-Small-3.1-24B-Instruct-2503"),
+                            *_twins("unsloth/Mistral-Small-3.2-24B-Instruct-2506",
+                                    "mistralai/Mistral-Small-3.2-24B-Instruct-2506")),
+            # Mistral-Small's text is `mistral`, Ministral 3's `ministral3` (YaRN, Llama-4 query scaling, both
+            # applied around the same rotate-half RoPE); Mistral3RMSNorm is the projector's norm.
+            norm_classes=("MistralRMSNorm", "Ministral3RMSNorm", "PixtralRMSNorm", "Mistral3RMSNorm"),
+            gated_mlp_classes=("MistralMLP", "Ministral3MLP", "PixtralMLP"),
+            rotary_modules=("mistral", "ministral3"),  # Pixtral's 2-D rotary runs inside its vision attention
+            vision_patch="pixtral_segments",
+        ),
+        FamilySpec(
             name="gemma3",
             model_type="gemma3",
             vision_model_type="siglip_vision_model",
