@@ -43,6 +43,10 @@ class FamilySpec:
     chat_template_names: tuple[str, ...] = ()
     # (16-bit hub id, its pre-quantized `-bnb-4bit` twin): `reference.naming`'s table.
     four_bit_twins: tuple[tuple[str, str], ...] = ()
+    # (16-bit unsloth/ mirror, Unsloth's dynamic quant of it, `-unsloth-bnb-4bit`: some layers kept 16-bit by its
+    # own skip list). A 4-bit load reads the dynamic id as given (pre-quantized); any other load maps it back to
+    # the mirror, as a `-bnb-4bit` twin is. A 16-bit id still maps to its plain `-bnb-4bit` twin.
+    dynamic_four_bit_twins: tuple[tuple[str, str], ...] = ()
     # What the optimized backend fuses (`optimized/patches/fused_layers.py`), by transformers' class and
     # module names. RMSNorm classes, in Llama's style (cast, then `weight *`) or Gemma's (fp32 `x * (1 + w)`):
     norm_classes: tuple[str, ...] = ()
@@ -65,6 +69,11 @@ QWEN_IMAGE_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|v
 # Each 16-bit model is on the hub under its maker's id and as Unsloth's mirror; both map to the one twin.
 def _twins(mirror: str, *originals: str) -> tuple[tuple[str, str], ...]:
     return tuple((sixteen, f"{mirror}-bnb-4bit") for sixteen in (*originals, mirror))
+
+
+# Unsloth's dynamic quant of a mirror (the 16-bit id it maps back to, the id it is published under).
+def _dynamic(*mirrors: str) -> tuple[tuple[str, str], ...]:
+    return tuple((mirror, f"{mirror}-unsloth-bnb-4bit") for mirror in mirrors)
 
 
 FAMILIES: dict[str, FamilySpec] = {
@@ -107,6 +116,7 @@ FAMILIES: dict[str, FamilySpec] = {
             chat_template_names=("qwen-2.5", "qwen2.5"),
             four_bit_twins=(*_twins("unsloth/Qwen2.5-VL-3B-Instruct", "Qwen/Qwen2.5-VL-3B-Instruct"),
                             *_twins("unsloth/Qwen2.5-VL-7B-Instruct", "Qwen/Qwen2.5-VL-7B-Instruct")),
+            dynamic_four_bit_twins=_dynamic("unsloth/Qwen2.5-VL-7B-Instruct"),
             norm_classes=("Qwen2RMSNorm", "Qwen2_5_VLRMSNorm"),  # Qwen2RMSNorm: transformers 5.17's name
             gated_mlp_classes=("Qwen2MLP", "Qwen2_5_VLMLP"),  # text, vision
             rotary_modules=("qwen2_5_vl",),
