@@ -200,6 +200,8 @@ FAMILIES: dict[str, FamilySpec] = {
                                     "mistralai/Mistral-Small-3.1-24B-Instruct-2503"),
                             *_twins("unsloth/Mistral-Small-3.2-24B-Instruct-2506",
                                     "mistralai/Mistral-Small-3.2-24B-Instruct-2506")),
+            dynamic_four_bit_twins=_dynamic("unsloth/Mistral-Small-3.1-24B-Instruct-2503",
+                                            "unsloth/Mistral-Small-3.2-24B-Instruct-2506"),
             # Mistral-Small's text is `mistral`, Ministral 3's `ministral3` (YaRN, Llama-4 query scaling, both
             # applied around the same rotate-half RoPE); Mistral3RMSNorm is the projector's norm.
             norm_classes=("MistralRMSNorm", "Ministral3RMSNorm", "PixtralRMSNorm", "Mistral3RMSNorm"),
