@@ -1,11 +1,11 @@
 """One 4-bit training step per family: optimized vs reference vs plain transformers, side by side.
 
 For each family a random-weight checkpoint with the real widths of a representative model
-(Qwen2-VL-2B, Qwen2.5-VL-3B, Qwen3-VL-4B, Llava-1.5-7B, Pixtral-12B, Gemma3-4B) and the same cut layer count for
-every contender, loaded in 4-bit (language-model linears NF4, the rest 16-bit: the same placement for
-all three, so only attention and patches differ). A step is forward + backward with the base frozen
-and input gradients on, on 4 samples of one image plus text, about 2,000 tokens each. Step time is
-the median of >= 10 timed steps after warm-up; memory is the peak allocated during them.
+(Qwen2-VL-2B, Qwen2.5-VL-3B, Qwen3-VL-4B, Llava-1.5-7B, Pixtral-12B, Mistral-Small-3.1-24B, Gemma3-4B) and
+the same cut layer count for every contender, loaded in 4-bit (language-model linears NF4, the rest 16-bit:
+the same placement for all three, so only attention and patches differ). A step is forward + backward with
+the base frozen and input gradients on, on 4 samples of one image plus text, about 2,000 tokens each. Step
+time is the median of >= 10 timed steps after warm-up; memory is the peak allocated during them.
 
     python benchmarks/model.py                 # on the GPU: writes benchmarks/results/model-<card>.{json,md}
     python benchmarks/model.py --smoke         # CPU plumbing check: 1 layer, short text, 1 step
@@ -200,6 +200,29 @@ FAMILIES = {
         {},
         (512, 512),
         dict(longest_edge=512, patch_size=16),
+        resize=_resize_pixtral,
+    ),
+    "mistral3": BenchFamily(
+        "Mistral-Small-3.1-24B",
+        dict(
+            hidden_size=5120,
+            intermediate_size=32768,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            head_dim=128,
+            vocab_size=131072,
+        ),
+        dict(
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_attention_heads=16,
+            head_dim=64,
+            image_size=1540,
+            patch_size=14,
+        ),
+        {},  # spatial_merge_size 2, bias-free projector, untied head: the zoo config's, as the real one's
+        (448, 448),
+        dict(longest_edge=448, patch_size=14),  # 32x32 patches of 14 -> the 2x2 merger's 16x16 = 256 tokens
         resize=_resize_pixtral,
     ),
     "gemma3": BenchFamily(

@@ -180,6 +180,26 @@ FAMILIES: dict[str, Family] = {
             four_bit_twin=("unsloth/Pixtral-12B-2409", "unsloth/Pixtral-12B-2409-bnb-4bit"),
         ),
         Family(
+            name="mistral3",
+            model_type="mistral3",
+            vision_model_type="pixtral",
+            model_class="Mistral3ForConditionalGeneration",
+            processor_class="PixtralProcessor",
+            vision_tower="model.vision_tower",
+            # Mistral3MultiModalProjector: an RMSNorm, the 2x2 patch merger's linear, then linear_1 / linear_2.
+            projector="model.multi_modal_projector",
+            vision_layers="model.vision_tower.transformer.layers",
+            text_attention_class="MistralAttention",
+            vision_attention_class="PixtralAttention",
+            vision_blocks=("attention", "feed_forward"),
+            image_tokens=("[IMG]", "[IMG_BREAK]", "[IMG_END]"),
+            turn_markers=("[INST]", "[/INST]"),
+            vision_call="block_mask",  # the same PixtralVisionModel as Pixtral's
+            four_bit_twin=("unsloth/Mistral-Small-3.1-24B-Instruct-2503",
+                           "unsloth/Mistral-Small-3.1-24B-Instruct-2503-bnb-4bit"),
+            # Mistral-Small-3.1/3.2's text config has sliding_window null: causal GQA only.
+        ),
+        Family(
             name="gemma3",
             model_type="gemma3",
             vision_model_type="siglip_vision_model",

@@ -42,6 +42,7 @@ from transformers import (
     LlamaConfig,
     LlavaConfig,
     LlavaProcessor,
+    Mistral3Config,
     MistralConfig,
     PixtralImageProcessor,
     PixtralProcessor,
@@ -175,6 +176,9 @@ _PIXTRAL_TEMPLATE = (
     "{% else %}{{ message['content'] if message['content'] is string "
     "else message['content'] | map(attribute='text') | join }}{{ eos_token }}{% endif %}{% endfor %}"
 )
+# Mistral-Small-3.1/3.2-Instruct: Pixtral's turns after a system prompt the template always renders (the real
+# one is Mistral's long default text), "[SYSTEM_PROMPT]...[/SYSTEM_PROMPT][INST]...[IMG]...[/INST]".
+_MISTRAL3_TEMPLATE = "[SYSTEM_PROMPT]You are a helpful assistant.[/SYSTEM_PROMPT]" + _PIXTRAL_TEMPLATE
 # gemma-3-it: the processor replaces <start_of_image> (its `boi_token`) with
 # "\n\n<start_of_image>" + 16 x <image_soft_token> + "<end_of_image>\n\n".
 _GEMMA3_TEMPLATE = (
@@ -255,16 +259,38 @@ def _llava_config(ids: dict[str, int], text: dict[str, Any]) -> PreTrainedConfig
     )
 
 
+# The Pixtral encoder (2-D RoPE, any aspect ratio) of Pixtral and Mistral 3: 64 px at most, patches of 8.
+_PIXTRAL_VISION = {**VISION, "image_size": 64, "patch_size": 8}
+
+
 def _pixtral_config(ids: dict[str, int], text: dict[str, Any]) -> PreTrainedConfig:
-    # Pixtral is Llava with the Pixtral encoder (2-D RoPE, any aspect ratio) and a Mistral LM; it
-    # keeps every patch ("full") of the last layer.
-    vision = PixtralVisionConfig(**VISION, image_size=64, patch_size=8)
+    # Pixtral is Llava with the Pixtral encoder and a Mistral LM; it keeps every patch ("full") of the
+    # last layer.
+    vision = PixtralVisionConfig(**_PIXTRAL_VISION)
     return LlavaConfig(
         vision_config=vision,
         text_config=MistralConfig(**text, sliding_window=None),
         image_token_index=ids["[IMG]"],
         vision_feature_select_strategy="full",
         vision_feature_layer=-1,
+    )
+
+
+def _mistral3_config(ids: dict[str, int], text: dict[str, Any]) -> PreTrainedConfig:
+    # Mistral-Small-3.1: the Pixtral encoder (SiLU-gated, as the real tower) whose last layer goes through an
+    # RMSNorm and a learned 2x2 patch merger (4 x 64 -> 64) before a bias-free two-layer projector; a Mistral
+    # LM with no sliding window (the real config's is null) and its own lm_head (not tied, unlike the
+    # config class's default).
+    return Mistral3Config(
+        vision_config=PixtralVisionConfig(**_PIXTRAL_VISION, hidden_act="silu"),
+        text_config=MistralConfig(**text, sliding_window=None, rope_parameters={"rope_type": "default",
+                                                                                  "rope_theta": 1e9}),
+        image_token_index=ids["[IMG]"],
+        spatial_merge_size=2,
+        multimodal_projector_bias=False,
+        projector_hidden_act="gelu",
+        vision_feature_layer=-1,
+        tie_word_embeddings=False,
     )
 
 
@@ -334,11 +360,17 @@ def _llava_processor(tokenizer: PreTrainedTokenizerFast, chat_template: str) -> 
     )
 
 
-def _pixtral_processor(tokenizer: PreTrainedTokenizerFast, chat_template: str) -> ProcessorMixin:
-    image_processor = PixtralImageProcessor(size={"longest_edge": 64}, patch_size=8)
-    return PixtralProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, patch_size=8, chat_template=chat_template
-    )
+def _pixtral_processor(merge: int = 1) -> Callable[[PreTrainedTokenizerFast, str], ProcessorMixin]:
+    # PixtralProcessor resizes to multiples of patch x merge and writes one [IMG] per merged patch group.
+    def make(tokenizer: PreTrainedTokenizerFast, chat_template: str) -> ProcessorMixin:
+        patch = _PIXTRAL_VISION["patch_size"]
+        image_processor = PixtralImageProcessor(size={"longest_edge": _PIXTRAL_VISION["image_size"]}, patch_size=patch)
+        return PixtralProcessor(
+            image_processor=image_processor, tokenizer=tokenizer, patch_size=patch, spatial_merge_size=merge,
+            chat_template=chat_template,
+        )
+
+    return make
 
 
 def _gemma3_processor(tokenizer: PreTrainedTokenizerFast, chat_template: str) -> ProcessorMixin:
@@ -422,7 +454,22 @@ RECIPES: dict[str, FamilyRecipe] = {
         add_bos=True,
         chat_template=_PIXTRAL_TEMPLATE,
         make_config=_pixtral_config,
-        make_processor=_pixtral_processor,
+        make_processor=_pixtral_processor(),
+    ),
+    "mistral3": FamilyRecipe(
+        family="mistral3",
+        # Mistral-Small-3.1's tekken specials in their real order (ids 0-4, then [IMG] 10, <pad> 11,
+        # [IMG_BREAK] 12, [IMG_END] 13, [SYSTEM_PROMPT] 17, [/SYSTEM_PROMPT] 18), packed from 0.
+        specials=("<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[IMG]", "<pad>", "[IMG_BREAK]", "[IMG_END]",
+                  "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]"),
+        roles=_LLAMA_ROLES,
+        extra={},
+        add_bos=True,
+        chat_template=_MISTRAL3_TEMPLATE,
+        make_config=_mistral3_config,
+        # Merge 2: sides round up to multiples of 16, so a 96x80 image resizes to 64x64 = 8x8 patches = 4x4 merged
+        # tokens, 20 with the breaks and the end.
+        make_processor=_pixtral_processor(merge=2),
     ),
     "gemma3": FamilyRecipe(
         family="gemma3",

@@ -43,6 +43,10 @@ class FamilySpec:
     chat_template_names: tuple[str, ...] = ()
     # (16-bit hub id, its pre-quantized `-bnb-4bit` twin): `reference.naming`'s table.
     four_bit_twins: tuple[tuple[str, str], ...] = ()
+    # (16-bit unsloth/ mirror, Unsloth's dynamic quant of it, `-unsloth-bnb-4bit`: some layers kept 16-bit by its
+    # own skip list). A 4-bit load reads the dynamic id as given (pre-quantized); any other load maps it back to
+    # the mirror, as a `-bnb-4bit` twin is. A 16-bit id still maps to its plain `-bnb-4bit` twin.
+    dynamic_four_bit_twins: tuple[tuple[str, str], ...] = ()
     # What the optimized backend fuses (`optimized/patches/fused_layers.py`), by transformers' class and
     # module names. RMSNorm classes, in Llama's style (cast, then `weight *`) or Gemma's (fp32 `x * (1 + w)`):
     norm_classes: tuple[str, ...] = ()
@@ -65,6 +69,11 @@ QWEN_IMAGE_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|v
 # Each 16-bit model is on the hub under its maker's id and as Unsloth's mirror; both map to the one twin.
 def _twins(mirror: str, *originals: str) -> tuple[tuple[str, str], ...]:
     return tuple((sixteen, f"{mirror}-bnb-4bit") for sixteen in (*originals, mirror))
+
+
+# Unsloth's dynamic quant of a mirror (the 16-bit id it maps back to, the id it is published under).
+def _dynamic(*mirrors: str) -> tuple[tuple[str, str], ...]:
+    return tuple((mirror, f"{mirror}-unsloth-bnb-4bit") for mirror in mirrors)
 
 
 FAMILIES: dict[str, FamilySpec] = {
@@ -107,6 +116,7 @@ FAMILIES: dict[str, FamilySpec] = {
             chat_template_names=("qwen-2.5", "qwen2.5"),
             four_bit_twins=(*_twins("unsloth/Qwen2.5-VL-3B-Instruct", "Qwen/Qwen2.5-VL-3B-Instruct"),
                             *_twins("unsloth/Qwen2.5-VL-7B-Instruct", "Qwen/Qwen2.5-VL-7B-Instruct")),
+            dynamic_four_bit_twins=_dynamic("unsloth/Qwen2.5-VL-7B-Instruct"),
             norm_classes=("Qwen2RMSNorm", "Qwen2_5_VLRMSNorm"),  # Qwen2RMSNorm: transformers 5.17's name
             gated_mlp_classes=("Qwen2MLP", "Qwen2_5_VLMLP"),  # text, vision
             rotary_modules=("qwen2_5_vl",),
@@ -170,6 +180,33 @@ FAMILIES: dict[str, FamilySpec] = {
             norm_classes=("MistralRMSNorm", "PixtralRMSNorm"),
             gated_mlp_classes=("MistralMLP", "PixtralMLP"),
             rotary_modules=("mistral",),  # Pixtral's own 2-D rotary runs inside its vision attention, unfused
+            vision_patch="pixtral_segments",
+        ),
+        FamilySpec(
+            name="mistral3",
+            model_type="mistral3",
+            vision_model_type="pixtral",
+            vision_tower="model.vision_tower",
+            # RMSNorm, the 2x2 patch merger (merging_layer) and linear_1/linear_2, all kept 16-bit.
+            projector="model.multi_modal_projector",
+            vision_attention="2-D RoPE, block-diagonal across images; a learned 2x2 patch merger after the tower",
+            text_attention="causal GQA (Mistral; a sliding window where the config sets one, none in Mistral-Small)",
+            vision_layers="model.vision_tower.transformer.layers",
+            vision_blocks=("attention", "feed_forward"),
+            image_tokens=("[IMG]", "[IMG_BREAK]", "[IMG_END]"),
+            # No chat template of ours: Unsloth's one Mistral name, "mistral", is Pixtral's [INST] template
+            # (the checkpoint's own template, with its [SYSTEM_PROMPT], stays on the processor).
+            four_bit_twins=(*_twins("unsloth/Mistral-Small-3.1-24B-Instruct-2503",
+                                    "mistralai/Mistral-Small-3.1-24B-Instruct-2503"),
+                            *_twins("unsloth/Mistral-Small-3.2-24B-Instruct-2506",
+                                    "mistralai/Mistral-Small-3.2-24B-Instruct-2506")),
+            dynamic_four_bit_twins=_dynamic("unsloth/Mistral-Small-3.1-24B-Instruct-2503",
+                                            "unsloth/Mistral-Small-3.2-24B-Instruct-2506"),
+            # Mistral-Small's text is `mistral`, Ministral 3's `ministral3` (YaRN, Llama-4 query scaling, both
+            # applied around the same rotate-half RoPE); Mistral3RMSNorm is the projector's norm.
+            norm_classes=("MistralRMSNorm", "Ministral3RMSNorm", "PixtralRMSNorm", "Mistral3RMSNorm"),
+            gated_mlp_classes=("MistralMLP", "Ministral3MLP", "PixtralMLP"),
+            rotary_modules=("mistral", "ministral3"),  # Pixtral's 2-D rotary runs inside its vision attention
             vision_patch="pixtral_segments",
         ),
         FamilySpec(

@@ -28,8 +28,12 @@ logger = logging.getLogger("fastvision")
 # 16-bit id -> pre-quantized 4-bit twin, from the family records. Lookups are case-insensitive (the hub's
 # ids are).
 FOUR_BIT_TWINS = {sixteen: four for spec in FAMILIES.values() for sixteen, four in spec.four_bit_twins}
-# 4-bit id -> its 16-bit twin: the unsloth/ mirror, which carries the same weights as the original.
-SIXTEEN_BIT_TWINS = {four: sixteen for sixteen, four in FOUR_BIT_TWINS.items() if sixteen.startswith("unsloth/")}
+# 4-bit id -> its 16-bit twin: the unsloth/ mirror, which carries the same weights as the original. Unsloth's
+# dynamic `-unsloth-bnb-4bit` quants map back too (nothing maps to them: they load as given).
+SIXTEEN_BIT_TWINS = {
+    **{four: sixteen for sixteen, four in FOUR_BIT_TWINS.items() if sixteen.startswith("unsloth/")},
+    **{dynamic: sixteen for spec in FAMILIES.values() for sixteen, dynamic in spec.dynamic_four_bit_twins},
+}
 
 _FOUR_BIT_LOWER = {k.lower(): v for k, v in FOUR_BIT_TWINS.items()}
 _SIXTEEN_BIT_LOWER = {k.lower(): v for k, v in SIXTEEN_BIT_TWINS.items()}

@@ -69,6 +69,21 @@ def test_each_records_twins_resolve_both_ways(name):
         assert four.endswith("-bnb-4bit")
         assert naming.remap(sixteen, load_in_4bit=True) == four
         assert naming.remap(four, load_in_4bit=False) == four.removesuffix("-bnb-4bit")
+    mirrors = {sixteen for sixteen, _ in FAMILIES[name].four_bit_twins if sixteen.startswith("unsloth/")}
+    for sixteen, dynamic in FAMILIES[name].dynamic_four_bit_twins:
+        assert sixteen in mirrors and dynamic == f"{sixteen}-unsloth-bnb-4bit"
+        assert naming.remap(dynamic, load_in_4bit=True) == dynamic  # pre-quantized: loaded as given
+        assert naming.remap(dynamic, load_in_4bit=False) == sixteen
+        assert naming.remap(dynamic.lower(), load_in_4bit=False) == sixteen  # hub ids are case-insensitive
+
+
+def test_a_dynamic_quant_maps_back_to_its_mirror_and_nothing_maps_to_it():
+    # Unsloth's own table (notes: unsloth-contract.md 2): the 7B's dynamic quant loads as given in 4-bit and
+    # as unsloth/Qwen2.5-VL-7B-Instruct otherwise; the 16-bit id still goes to the plain -bnb-4bit twin.
+    dynamic = "unsloth/Qwen2.5-VL-7B-Instruct-unsloth-bnb-4bit"
+    assert naming.remap(dynamic, load_in_4bit=False) == "unsloth/Qwen2.5-VL-7B-Instruct"
+    assert naming.remap("Qwen/Qwen2.5-VL-7B-Instruct", load_in_4bit=True) == "unsloth/Qwen2.5-VL-7B-Instruct-bnb-4bit"
+    assert dynamic not in naming.FOUR_BIT_TWINS.values()
 
 
 def test_each_chat_template_name_belongs_to_one_family():

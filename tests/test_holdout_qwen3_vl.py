@@ -31,7 +31,7 @@ from transformers import (
 
 import optimized
 import reference
-from conformance import tolerances
+from tests import holdout as holdout_checkpoint
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
             "<|image_pad|>", "<|video_pad|>"]
@@ -73,16 +73,8 @@ def holdout(tmp_path_factory):
     """(checkpoint directory, left-padded batch) of the holdout model."""
     path = tmp_path_factory.mktemp("qwen3_vl_holdout")
     processor = _processor()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(17)
-        model = Qwen3VLForConditionalGeneration(_config(processor.tokenizer))  # transformers' own init
-        with torch.no_grad():  # norms start at exactly 1: move them, so one applied wrongly (q_norm) shows
-            for name, param in model.named_parameters():
-                if "norm" in name:
-                    param.add_(torch.randn_like(param) * 0.1)
-        pixels = [torch.randint(0, 256, (h, w, 3), dtype=torch.uint8).numpy() for h, w in ((64, 96), (64, 64))]
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
+    pixels = holdout_checkpoint.build(Qwen3VLForConditionalGeneration, _config(processor.tokenizer), processor, path,
+                                      seed=17, image_shapes=((64, 96), (64, 64)))
     prompts = ["<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>describe the picture<|im_end|>\n"
                "<|im_start|>assistant\n",
                "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>what is in this image ?<|im_end|>\n"
@@ -105,12 +97,4 @@ def test_the_batch_is_left_padded_with_two_image_shapes(holdout):
 @pytest.mark.parametrize("backend", [reference, optimized], ids=["reference", "optimized"])
 def test_a_holdout_checkpoint_gives_transformers_eager_logits(holdout, backend):
     path, batch = holdout
-    eager = Qwen3VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
-    model, _ = backend.FastVisionModel.from_pretrained(str(path), load_in_4bit=False, dtype=torch.float32)
-    assert type(model).__name__ == "Qwen3VLForConditionalGeneration"
-    with torch.no_grad():
-        expected = eager.eval()(**batch).logits
-        got = model.eval()(**batch.to(model.device)).logits.to(expected.device)
-    valid = batch["attention_mask"].bool()
-    error = (got[valid] - expected[valid]).abs().max().item()
-    assert error <= tolerances.MODEL_LOGITS_ATOL[torch.float32], error
+    holdout_checkpoint.assert_eager_logits(backend, Qwen3VLForConditionalGeneration, path, batch)

@@ -25,6 +25,7 @@ IMAGE_MARKUP = {
     "qwen3_vl": "<|vision_start|><|image_pad|><|vision_end|>",
     "llava": "<image>\n",
     "pixtral": "[INST][IMG]",
+    "mistral3": "[/SYSTEM_PROMPT][INST][IMG]",
     "gemma3": "<start_of_image>",
 }
 ASSISTANT_CUE = {
@@ -33,6 +34,7 @@ ASSISTANT_CUE = {
     "qwen3_vl": "<|im_start|>assistant\n",
     "llava": "ASSISTANT:",
     "pixtral": "[/INST]",
+    "mistral3": "[/INST]",
     "gemma3": "<start_of_turn>model\n",
 }
 # Config field -> the token it must name in the tokenizer.
@@ -48,6 +50,7 @@ CONFIG_TOKENS = {
     "qwen3_vl": _QWEN_IDS,
     "llava": {"image_token_id": "<image>"},
     "pixtral": {"image_token_id": "[IMG]"},
+    "mistral3": {"image_token_id": "[IMG]"},
     "gemma3": {
         "image_token_id": "<image_soft_token>",
         "boi_token_id": "<start_of_image>",
@@ -61,6 +64,7 @@ MODEL_TYPES = {
     "qwen3_vl": ("qwen3_vl", "qwen3_vl_text", "qwen3_vl_vision"),
     "llava": ("llava", "llama", "clip_vision_model"),
     "pixtral": ("llava", "mistral", "pixtral"),  # Pixtral is Llava with another encoder and LM
+    "mistral3": ("mistral3", "mistral", "pixtral"),
     "gemma3": ("gemma3", "gemma3_text", "siglip_vision_model"),
 }
 # Anything that changes from run to run must not be written: dates, times, uuids.
@@ -152,6 +156,24 @@ def test_qwen3_deepstack_feeds_every_text_layer_from_inside_the_tower(loaded):
     assert len(features.deepstack_features) == len(indexes)
 
 
+@pytest.mark.parametrize("loaded", ["mistral3"], indirect=True)
+def test_mistral3_merges_2x2_patches_with_no_bias_no_window_and_its_own_head(loaded):
+    # Mistral-Small-3.1: one image token per 2x2 group of Pixtral patches (the patch merger's), no bias anywhere,
+    # sliding_window null, and an lm_head of its own although Mistral3Config defaults to tied embeddings.
+    model, config = loaded.model, loaded.model.config
+    assert config.spatial_merge_size == 2 and config.text_config.sliding_window is None
+    assert not [name for name, _ in model.named_parameters() if name.endswith(".bias")]
+    assert model.lm_head.weight.data_ptr() != model.model.language_model.embed_tokens.weight.data_ptr()
+    inputs = loaded.processor(text=[_prompt(loaded.processor)], images=[zoo.sample_image()], return_tensors="pt")
+    ((height, width),) = inputs["image_sizes"].tolist()
+    cell = config.vision_config.patch_size * config.spatial_merge_size
+    image_tokens = int((inputs["input_ids"] == config.image_token_id).sum())
+    assert image_tokens == (height // cell) * (width // cell) > 1
+    with torch.no_grad():
+        (features,) = model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"]).pooler_output
+    assert features.shape == (image_tokens, config.text_config.hidden_size)
+
+
 @pytest.mark.parametrize("loaded", ["gemma3"], indirect=True)
 def test_gemma3_mixes_sliding_and_full_attention(loaded):
     text = loaded.model.config.text_config
@@ -182,7 +204,8 @@ def test_norm_weights_and_biases_are_randomized(loaded):
         for name, p in loaded.model.named_parameters()
         if name.endswith(".bias") or re.search(r"norm|\bln_|layrnorm", name)
     }
-    assert any(name.endswith(".bias") for name in perturbed)
+    # Not vacuous: every family has norm weights (not every one has biases: Mistral-Small's linears have none).
+    assert any(name.endswith(".weight") and "norm" in name for name in perturbed)
     constant = [name for name, p in perturbed.items() if p.unique().numel() == 1]
     assert constant == []
     assert all(p.dtype == torch.float32 for p in loaded.model.parameters())
