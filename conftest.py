@@ -24,3 +24,4 @@ def pytest_configure(config):
     os.environ.setdefault(plugin.DEVICE_ENV, config.fastvision_device)
     if not plugin.is_conformance_run(config):
         plugin.use_profiles(config)
+        plugin.share_cores_among_workers()

@@ -87,6 +87,17 @@ def use_profiles(config) -> None:
     _active_profile[:] = [chosen]
 
 
+def share_cores_among_workers() -> None:
+    """Under pytest-xdist, give each worker's torch an equal share of the cores for its intra-op threads.
+    Left at torch's default every worker starts one OpenMP thread per core, so CI's two workers on two cores
+    run four threads that spin-wait for each other between ops."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // workers))
+
+
 def argument_fuzz_examples() -> int:
     """How many load calls the argument fuzz draws per family: ARGUMENT_FUZZ_EXAMPLES for the loaded
     profile, else the profile's own max_examples."""
@@ -104,6 +115,7 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "expensive: slow; fewer hypothesis examples")
     config.addinivalue_line("markers", "family(name): the model family a test exercises")
     use_profiles(config)
+    share_cores_among_workers()
 
 
 def load_backend(name: str) -> types.ModuleType:
