@@ -28,7 +28,7 @@ from optimized.kernels.rmsnorm import MAX_COLUMNS, rms_norm  # noqa: E402
 from reference.ops.rmsnorm import rms_norm as reference_rms_norm  # noqa: E402
 from tests.kernel_parity import DTYPES, GPU, error, hypothesis_settings  # noqa: E402
 
-MAX_ROWS = 4096 if GPU else 64  # interpreter tiles are 512 elements: 64 rows cross many tile edges
+MAX_ROWS = 4096 if GPU else 64  # interpreter tiles are 2048 elements: 64 rows cross tile edges at widths past 32
 MAX_COLS = 8192 if GPU else 300  # odd widths pad the power-of-two column block
 # Per dtype. Interpreter examples cost ~10-50 ms each; compiled ones a compile per new (BLOCK, ROWS, flags).
 EXAMPLES = 6 if GPU else 40

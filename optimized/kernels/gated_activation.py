@@ -153,7 +153,9 @@ def _gated_bwd_kernel(Gate, Up, dOut, dGate, dUp, n, GELU: tl.constexpr, NEED_DG
 # 1024 elements and 4 warps: 8 bf16 (one 16-byte load) per thread per tensor. Little's law for an H100
 # (3.0 TB/s x ~0.7 us latency / 132 SMs) wants ~16 KB in flight per SM; 16 resident programs of 4 KB of
 # loads each (gate + up, bf16) give 64 KB. Reasoned, not swept: no GPU was at hand when this was written.
-_BLOCK = 1024
+# The interpreter pays ~18 ms of numpy per program whatever its block, so there 4096: a zoo model's MLP
+# (~60k elements) runs 15 programs instead of 59, and the kernel tests' widths still span several blocks.
+_BLOCK = {"cuda": 1024, "interpreter": 4096}
 _NUM_WARPS = 4
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -169,11 +171,16 @@ def _validate(gate: torch.Tensor, up: torch.Tensor, activation: str) -> None:
         raise ValueError(f"gate and up must be on one device; got {gate.device} and {up.device}")
 
 
+def _block(device: torch.device) -> int:
+    return _BLOCK["cuda" if device.type == "cuda" else "interpreter"]
+
+
 def _launch_forward(gate: torch.Tensor, up: torch.Tensor, gelu: bool) -> torch.Tensor:
     out = torch.empty_like(gate)
     n = gate.numel()
     if n:
-        _launch(_gated_fwd_kernel, (cdiv(n, _BLOCK),), gate, up, out, n, GELU=gelu, BLOCK=_BLOCK,
+        block = _block(gate.device)
+        _launch(_gated_fwd_kernel, (cdiv(n, block),), gate, up, out, n, GELU=gelu, BLOCK=block,
                 num_warps=_NUM_WARPS)
     return out
 
@@ -185,9 +192,10 @@ def _launch_backward(gate, up, grad_out, gelu: bool, need_dgate: bool, need_dup:
     n = gate.numel()
     if n and (need_dgate or need_dup):
         # A gradient not asked for gets a placeholder pointer of the right dtype that is never written.
-        _launch(_gated_bwd_kernel, (cdiv(n, _BLOCK),), gate, up, grad_out,
+        block = _block(gate.device)
+        _launch(_gated_bwd_kernel, (cdiv(n, block),), gate, up, grad_out,
                 gate if dgate is None else dgate, up if dup is None else dup, n, GELU=gelu,
-                NEED_DGATE=need_dgate, NEED_DUP=need_dup, BLOCK=_BLOCK, num_warps=_NUM_WARPS)
+                NEED_DGATE=need_dgate, NEED_DUP=need_dup, BLOCK=block, num_warps=_NUM_WARPS)
     return dgate, dup
 
 

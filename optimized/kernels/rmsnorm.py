@@ -108,9 +108,10 @@ MAX_COLUMNS = 16384  # a row lives in registers: 16384 fp32 over 32 warps is 16 
 # registers while a program still moves 8-16 KB, so Gemma3's 256-column q/k norms run 16 rows a program
 # instead of one 512-byte row a program. The backward holds ~4 such tiles (x, dy, n, g): at H = 16384
 # (32 warps, at most 64 registers a thread) it may spill. Not yet swept on the H100. The
-# interpreter runs each program through numpy, so there a small tile gives odd CPU test shapes several
-# tiles (crossing tile edges) at no real cost.
-_TILE_ELEMENTS = {"cuda": 4096, "interpreter": 512}
+# interpreter runs each program through numpy at ~12 ms a program whatever its tile: at 512 elements the
+# zoo's 192-wide rows ran 2 a program, and norms were 23 of 75 s of a Qwen2-VL checkpointing test. 2048
+# runs them 8 a program, while the kernel tests' up-to-64-row shapes still cross tile edges.
+_TILE_ELEMENTS = {"cuda": 4096, "interpreter": 2048}
 
 # Backward programs: compiled, 2 per SM (264 on an H100), enough resident warps to stream x and dy while
 # the (programs, H) fp32 partial buffer stays small (264 x 4096 x 4 B = 4.3 MB against 2 x 65 MB of
