@@ -70,6 +70,11 @@ def train(args: argparse.Namespace):
         model.save_pretrained(args.out)
         notes = "; ".join(model.quantization_plan.notes) or "none"
         print(f"saved the adapter to {args.out} (world size {world}); load notes: {notes}", flush=True)
+    # Under torchrun: every rank waits for rank 0's save, then the process group is destroyed before exit.
+    # Left to interpreter shutdown, a gloo rank once aborted there ("terminate called without an active
+    # exception", exit -6) after training and saving had finished.
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()
     return trainer
 
 
