@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from optimized.kernels.launch import compiled_or_interpreted
 from optimized.kernels.launch import launch as _launch
 from reference.ops.cross_entropy import shifted_labels
 
@@ -124,7 +125,7 @@ _GPU_BLOCKS = Blocks(8192, 16)
 
 
 def default_blocks(device: torch.device) -> Blocks:
-    return _GPU_BLOCKS if device.type == "cuda" else _INTERPRETER_BLOCKS
+    return compiled_or_interpreted(device, _GPU_BLOCKS, _INTERPRETER_BLOCKS)
 
 
 def _block(blocks: Blocks, vocab: int) -> int:

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from optimized.kernels.launch import cdiv
+from optimized.kernels.launch import cdiv, compiled_or_interpreted
 from optimized.kernels.launch import launch as _launch
 from reference.ops.gated_activation import check_activation
 
@@ -155,7 +155,8 @@ def _gated_bwd_kernel(Gate, Up, dOut, dGate, dUp, n, GELU: tl.constexpr, NEED_DG
 # loads each (gate + up, bf16) give 64 KB. Reasoned, not swept: no GPU was at hand when this was written.
 # The interpreter pays ~18 ms of numpy per program whatever its block, so there 4096: a zoo model's MLP
 # (~60k elements) runs 15 programs instead of 59, and the kernel tests' widths still span several blocks.
-_BLOCK = {"cuda": 1024, "interpreter": 4096}
+_BLOCK = 1024
+_INTERPRETER_BLOCK = 4096
 _NUM_WARPS = 4
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -172,7 +173,7 @@ def _validate(gate: torch.Tensor, up: torch.Tensor, activation: str) -> None:
 
 
 def _block(device: torch.device) -> int:
-    return _BLOCK["cuda" if device.type == "cuda" else "interpreter"]
+    return compiled_or_interpreted(device, _BLOCK, _INTERPRETER_BLOCK)
 
 
 def _launch_forward(gate: torch.Tensor, up: torch.Tensor, gelu: bool) -> torch.Tensor:

@@ -23,6 +23,19 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def interpreted(device: torch.device) -> bool:
+    """Whether a kernel on tensors of `device` runs in Triton's interpreter (a CPU tensor under
+    TRITON_INTERPRET=1) rather than compiled (a CUDA tensor): the one test every kernel's tile choice makes.
+    The two costs differ in kind -- a GPU wants enough work in flight, the interpreter pays 5-18 ms of
+    numpy a program whatever its tile -- so each kernel file keeps a size for each."""
+    return device.type != "cuda"
+
+
+def compiled_or_interpreted(device: torch.device, compiled, interpreted_value):
+    """`compiled` for a kernel compiled for the GPU, `interpreted_value` in the interpreter."""
+    return interpreted_value if interpreted(device) else compiled
+
+
 def launch(kernel, grid: tuple, *args, **kwargs) -> None:
     """kernel[grid](*args, **kwargs), launching the compiled kernel directly on later identical calls.
 

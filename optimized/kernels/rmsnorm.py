@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from optimized.kernels.launch import cdiv
+from optimized.kernels.launch import cdiv, compiled_or_interpreted, interpreted
 from optimized.kernels.launch import launch as _launch
 
 # ----------------------------------------------------------------------------------------------
@@ -111,7 +111,8 @@ MAX_COLUMNS = 16384  # a row lives in registers: 16384 fp32 over 32 warps is 16 
 # interpreter runs each program through numpy at ~12 ms a program whatever its tile: at 512 elements the
 # zoo's 192-wide rows ran 2 a program, and norms were 23 of 75 s of a Qwen2-VL checkpointing test. 2048
 # runs them 8 a program, while the kernel tests' up-to-64-row shapes still cross tile edges.
-_TILE_ELEMENTS = {"cuda": 4096, "interpreter": 2048}
+_TILE_ELEMENTS = 4096
+_INTERPRETER_TILE_ELEMENTS = 2048
 
 # Backward programs: compiled, 2 per SM (264 on an H100), enough resident warps to stream x and dy while
 # the (programs, H) fp32 partial buffer stays small (264 x 4096 x 4 B = 4.3 MB against 2 x 65 MB of
@@ -129,7 +130,7 @@ def _next_power_of_2(n: int) -> int:
 def _plan(n_rows: int, n_cols: int, device: torch.device) -> dict:
     """BLOCK (columns), ROWS (rows per tile) and num_warps for a (n_rows, n_cols) problem."""
     block = _next_power_of_2(n_cols)
-    tile = _TILE_ELEMENTS["cuda" if device.type == "cuda" else "interpreter"]
+    tile = compiled_or_interpreted(device, _TILE_ELEMENTS, _INTERPRETER_TILE_ELEMENTS)
     rows = max(1, min(tile // block, _next_power_of_2(n_rows)))
     # ~16 fp32 elements a thread: 4 warps up to 2048 elements, 32 (the most) at 16384.
     warps = min(32, max(4, rows * block // 512))
@@ -139,7 +140,7 @@ def _plan(n_rows: int, n_cols: int, device: torch.device) -> dict:
 def _backward_programs(n_tiles: int, device: torch.device, has_dw: bool) -> int:
     if not has_dw:  # no partial sums to keep: one program per tile
         return n_tiles
-    if device.type != "cuda":
+    if interpreted(device):
         return min(n_tiles, _INTERPRETER_BWD_PROGRAMS)
     if device.index not in _SM_COUNT:  # a driver query: cached, so later calls cost a dict lookup
         _SM_COUNT[device.index] = torch.cuda.get_device_properties(device).multi_processor_count

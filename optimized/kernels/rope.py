@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from optimized.kernels.launch import cdiv
+from optimized.kernels.launch import cdiv, compiled_or_interpreted
 from optimized.kernels.launch import launch as _launch
 from reference.ops.rope import validate_rotary
 
@@ -113,7 +113,7 @@ _INTERPRETER_TILE = 16384
 
 def _blocks(n_tokens: int, q_heads: int, k_heads: int, half: int, device: torch.device) -> dict:
     """The kernel's tile shape: power-of-two blocks of tokens, heads and half head dim."""
-    tile = _TILE if device.type == "cuda" else _INTERPRETER_TILE
+    tile = compiled_or_interpreted(device, _TILE, _INTERPRETER_TILE)
     block_half = _pow2(half)
     heads_cap = max(1, tile // block_half)
     block_hq = min(_pow2(max(q_heads, 1)), heads_cap)

@@ -8,6 +8,7 @@ from typing import NamedTuple
 
 import torch
 
+from optimized.kernels.launch import interpreted
 from reference.ops.attention import AttentionSpec
 
 
@@ -78,7 +79,7 @@ _SHORT_SEGMENT_PLANS = {
 def default_plan(head_dim: int, device: torch.device, spec: AttentionSpec | None = None,
                  kv_len: int = 0, dtype: torch.dtype | None = None, dense: bool = False) -> TilePlan:
     """The tiles for a call; `dense`: its forward runs the dense kernel (Route.forward_dense)."""
-    if device.type != "cuda":
+    if interpreted(device):
         return _INTERPRETER_PLAN
     if dtype == torch.float32:
         return _FP32_GPU_PLAN
