@@ -260,11 +260,20 @@ def run_contender(family: str, contender: str, model_dir, batch_file, args, gpus
     return result
 
 
-def run(args) -> dict:
+def run(args, report=lambda result: None) -> dict:
+    """Every family's rows; `report(result)` after each row, so a run cut short keeps the rows it finished."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import model as model_bench
 
-    rows = []
+    result = {
+        "device": model_bench.card(),
+        "versions": {**model_bench.versions(), **_peer_versions()},
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "rows": [],
+        "setup": {**model_bench.setup(args), "bits": args.bits, "gpus": args.gpus, "lora": LORA,
+                  "learning_rate": LEARNING_RATE},
+    }
+    rows = result["rows"]
     with tempfile.TemporaryDirectory() as tmp:
         for family in args.families:
             model_dir, batch_file = prepare(family, pathlib.Path(tmp), args)
@@ -281,14 +290,8 @@ def run(args) -> dict:
                     rows.append(scaled_row(row, run_contender(family, contender, model_dir, batch_file, args,
                                                                args.gpus)))
                     print(json.dumps(rows[-1]), flush=True)
-    return {
-        "device": model_bench.card(),
-        "versions": {**model_bench.versions(), **_peer_versions()},
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "rows": rows,
-        "setup": {**model_bench.setup(args), "bits": args.bits, "gpus": args.gpus, "lora": LORA,
-                  "learning_rate": LEARNING_RATE},
-    }
+                report(result)
+    return result
 
 
 def scaled_row(one: dict, many: dict) -> dict:
@@ -390,12 +393,16 @@ def main(argv=None) -> int:
     args.families = args.families or list(model_bench.FAMILIES)
     if args.profile:
         pathlib.Path(args.profile).mkdir(parents=True, exist_ok=True)
-    result = run(args)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = "finetune-" + ("smoke" if args.smoke else model_bench.card().replace(" ", "_")) + args.suffix
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
-    (out / f"{stem}.md").write_text(markdown(result))
+
+    def write(result: dict) -> None:
+        (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+        (out / f"{stem}.md").write_text(markdown(result))
+
+    result = run(args, report=write)
+    write(result)
     print(markdown(result))
     return 0
 

@@ -93,3 +93,16 @@ def test_the_ablation_times_each_variant_on_one_model_and_switches_what_it_names
 
 def _fused_projections(model) -> int:
     return sum(getattr(vars(m).get("forward"), "__name__", "") == "_fused_forward" for m in model.modules())
+
+
+def test_a_run_reports_after_every_row_so_a_cut_run_keeps_what_finished(monkeypatch, tmp_path):
+    finetune = _finetune()
+    monkeypatch.setattr(finetune, "prepare", lambda family, directory, args: ("MODEL", "BATCH"))
+    monkeypatch.setattr(finetune, "run_contender", lambda family, contender, *rest: {"step_ms": 1.0})
+    args = argparse.Namespace(families=["qwen2_vl", "llava"], contenders=["optimized", "transformers"], bits=4,
+                              gpus=1, batch=1, tokens=16, text_layers=1, vision_layers=1, warmup=1, steps=1)
+    seen = []
+    finetune.run(args, report=lambda result: seen.append([(r["family"], r["contender"]) for r in result["rows"]]))
+    assert [len(rows) for rows in seen] == [1, 2, 3, 4]
+    assert seen[-1] == [("qwen2_vl", "optimized"), ("qwen2_vl", "transformers"), ("llava", "optimized"),
+                        ("llava", "transformers")]
