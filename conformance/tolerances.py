@@ -108,6 +108,22 @@ def sqnr_db(signal: torch.Tensor, approximation: torch.Tensor) -> float:
     return float(20 * torch.log10(signal.norm() / noise))
 
 
+# NF4 dequantization against its float64 oracle (code * absmax with no rounding): the kernel and its twin
+# round the nested absmax twice in fp32 (code2 * absmax2, + offset), the product code * absmax once more
+# (each <= 2^-24 relative), then once to the output dtype (half an ulp: 2^-24 fp32, 2^-11 fp16, 2^-8 bf16).
+# 2^-21 covers the fp32 steps with room; the floor is the dtype's smallest subnormal, for products that
+# land there (an all-but-zero block's absmax). Between the kernel, its twin and bitsandbytes the tests ask
+# for equality, not this bound.
+NF4_DEQUANT_FP32_STEPS = 2.0**-21
+NF4_DEQUANT_HALF_ULP = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+
+
+def nf4_dequant_bound(exact: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The largest error, elementwise, a dequantized NF4 weight in `dtype` may have against the float64 oracle."""
+    tiny = torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps
+    return (NF4_DEQUANT_FP32_STEPS + NF4_DEQUANT_HALF_ULP[dtype]) * exact.abs() + tiny
+
+
 def nf4_logits_min_sqnr_db(family: str) -> float:
     """NF4_LOGITS_MIN_SQNR_DB, or the family's own bound where its record loosens it (with the reason)."""
     loosened = FAMILIES[family].nf4_logits_min_sqnr_db

@@ -36,7 +36,15 @@ def kernels() -> dict:
     """Each op's Triton implementation, imported at first use: Triton reads TRITON_INTERPRET when a kernel is
     decorated (so a test may set it after importing this module), and a CPU without it never needs Triton."""
     from optimized.kernels import attention as attention_kernel
-    from optimized.kernels import cross_entropy, gated_activation, linear_cross_entropy, lora_linear, rmsnorm, rope
+    from optimized.kernels import (
+        cross_entropy,
+        gated_activation,
+        linear_cross_entropy,
+        lora_linear,
+        nf4_dequant,
+        rmsnorm,
+        rope,
+    )
 
     return {
         "attention": attention_kernel.attention,
@@ -46,6 +54,8 @@ def kernels() -> dict:
         "causal_lm_loss": cross_entropy.causal_lm_loss,
         "linear_causal_lm_loss": linear_cross_entropy.linear_causal_lm_loss,
         "lora_linear": lora_linear.lora_linear,
+        "dequantize_nf4": nf4_dequant.dequantize_nf4,
+        "nf4_unreadable": nf4_dequant.unreadable,
     }
 
 
@@ -58,6 +68,9 @@ TWINS = {
     "causal_lm_loss": cross_entropy_twin.causal_lm_loss,
     "linear_causal_lm_loss": linear_cross_entropy_twin.linear_causal_lm_loss,
     "lora_linear": lora_linear_twin.lora_linear,
+    # Not the plain-PyTorch twin (reference/ops/nf4_dequant.py, which the kernel is tested against) but
+    # bitsandbytes' own dequantize_4bit: what the reference backend runs, and it reads every quant state.
+    "dequantize_nf4": lora_linear_twin.dequantized,
 }
 
 
@@ -135,8 +148,36 @@ def linear_causal_lm_loss(hidden, weight, labels, vocab_size, num_items_in_batch
                       shift_labels=shift_labels, **kwargs)
 
 
+def dequantize_nf4(packed, quant_state):
+    """A bitsandbytes 4-bit weight in quant_state.dtype (`reference/ops/nf4_dequant.py`'s signature): the Triton
+    kernel where it runs and can read the quant state, else bitsandbytes' dequantize_4bit (said once, with
+    the reason). In the interpreter, whose fp32 -> bf16 cast rounds toward zero, a bf16 weight is written in
+    fp32 and rounded by torch (to nearest even, as the compiled kernel and bitsandbytes round)."""
+    if not kernel_serves(packed):
+        return TWINS["dequantize_nf4"](packed, quant_state)
+    reason = kernels()["nf4_unreadable"](quant_state)
+    if reason is not None:
+        _say_nf4_fallback_once(reason)
+        return TWINS["dequantize_nf4"](packed, quant_state)
+    if quant_state.dtype == torch.bfloat16 and not packed.is_cuda:
+        return kernels()["dequantize_nf4"](packed, quant_state, dtype=torch.float32).to(torch.bfloat16)
+    return kernels()["dequantize_nf4"](packed, quant_state)
+
+
+@functools.cache
+def _say_nf4_fallback_once(reason: str) -> None:
+    logger.warning("fastvision optimized backend: the NF4 kernel cannot read a quant state (%s); running "
+                   "bitsandbytes' dequantize_4bit for it instead.", reason)
+
+
+def dequantized(weight, quant_state):
+    """A LoRA base weight in 16 bits, as `reference.ops.lora_linear.dequantized`, through `dequantize_nf4`."""
+    return weight if quant_state is None else dequantize_nf4(weight, quant_state)
+
+
 def lora_linear(x, weight, quant_state, bias, lora_A, lora_B, scaling):
     """One LoRA projection (`reference/ops/lora_linear.py`); plain torch matmuls either way, so bf16 runs as
-    it is in the interpreter too."""
-    lora = kernels()["lora_linear"] if kernel_serves(x) else TWINS["lora_linear"]
-    return lora(x, weight, quant_state, bias, lora_A, lora_B, scaling)
+    it is in the interpreter too. The fused op dequantizes a 4-bit base with `dequantize_nf4`."""
+    if not kernel_serves(x):
+        return TWINS["lora_linear"](x, weight, quant_state, bias, lora_A, lora_B, scaling)
+    return kernels()["lora_linear"](x, weight, quant_state, bias, lora_A, lora_B, scaling, dequantized)
