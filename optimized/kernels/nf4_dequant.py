@@ -7,8 +7,8 @@ into a 256-entry fp32 table with an fp32 absmax per 256 blocks and a mean offset
 
 It is a stream: per element half a byte in (plus 4 / blocksize bytes of absmax, 1 / blocksize nested) and
 2 bytes out in 16 bits, so it runs at memory bandwidth or not at all. Each program takes BYTES packed
-bytes as rows of 4 (one 32-bit load a row) and writes each row's 8 outputs together (16 bytes in bf16:
-one vector store). A row of 8 elements lies in one block (blocksize is a power of two >= 8), so the absmax,
+bytes as rows of 4 contiguous bytes and writes each row's 8 outputs contiguously (16 bytes in bf16), so the
+compiler can vectorize both. A row of 8 elements lies in one block (blocksize is a power of two >= 8), so the absmax,
 nested or not, is one load and multiply a row; the codebook is a 64-byte table every program reads from L1.
 
 Bit-exactness: bitsandbytes dequantizes a nested absmax as `code2[q] * absmax2[j // 256]` and then adds the
@@ -79,10 +79,11 @@ def _nf4_dequant_kernel(
 # ----------------------------------------------------------------------------------------------
 
 # Packed bytes a program. Compiled: 2048 bytes (4096 outputs, 8 KB of bf16) over 4 warps is 4 rows of 4
-# bytes a thread, 16 loads of 16 bytes... enough bytes in flight per SM at 4096 programs for a 4096 x 4096
-# weight (8 MB packed). Interpreted: numpy costs ~15 ms a program whatever its size, so 4096 bytes (8192
-# elements) runs most of the zoo's projections (<= 192 x 64) in one or two programs; the tests' shapes
-# still cross program edges.
+# bytes a thread (32 outputs: four 16-byte bf16 stores), and 4096 programs for a 4096 x 4096 weight (~31 for
+# each of the H200's 132 SMs): 3.3-3.6 TB/s effective there (benchmarks/results/nf4-dequant-nvidia-h200.md);
+# not swept. Interpreted: numpy costs ~2-15 ms a program whatever its size, so 4096 bytes (8192 elements)
+# runs most of the zoo's projections (<= 192 x 64) in one or two programs; the tests' shapes still cross
+# program edges.
 _BYTES = 2048
 _INTERPRETER_BYTES = 4096
 _WARPS = 4
