@@ -99,6 +99,13 @@ def leaf_names(model, family: str) -> list[str]:
     return sorted(names)
 
 
+def _attach_where_nothing_fits(backend, model, kwargs, repro):
+    """get_peft_model where the flags select no module: it must raise ValueError. A backend that attaches
+    LoRA anyway is named for the modules it put LoRA on, as where the flags select some."""
+    got = lora_modules(backend.FastVisionModel.get_peft_model(model, **kwargs))
+    checks.check(not got, f"LoRA on {sorted(got)[:4]} (not asked for: the flags select no module)", repro=repro)
+
+
 @pytest.mark.parametrize("family", ALL)
 @settings(max_examples=PLACEMENT_EXAMPLES, deadline=None, phases=(Phase.explicit, Phase.reuse, Phase.generate))
 @given(data=st.data())
@@ -123,7 +130,7 @@ def test_lora_sits_exactly_where_the_flags_and_targets_say(backend, device, fami
     repro = f"model = {load_repro}; FastVisionModel.get_peft_model(model, **{kwargs!r})"
     want = expected_targets(model, family, *flags.values(), last_n, explicit)
     if not want:
-        checks.expect_error(lambda: backend.FastVisionModel.get_peft_model(model, **kwargs), ValueError, repro=repro)
+        checks.expect_error(lambda: _attach_where_nothing_fits(backend, model, kwargs, repro), ValueError, repro=repro)
         return
     with checks.reproducing(repro):
         peft_model = backend.FastVisionModel.get_peft_model(model, **kwargs)
