@@ -57,6 +57,9 @@ def _resize_gemma3(processor, fields: dict):
 
 VISION_LAYERS, TEXT_LAYERS = 8, 6  # Gemma3's 5 sliding : 1 full, and Qwen2.5-VL's 1 full block in 8
 
+# The Pixtral vision tower's widths, which Mistral Small 3.x carries too (at its own image and patch size).
+PIXTRAL_TOWER = dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16, head_dim=64)
+
 FAMILIES = {
     "qwen2_vl": BenchFamily(
         "Qwen2-VL-2B",
@@ -157,14 +160,7 @@ FAMILIES = {
             head_dim=128,
             vocab_size=131072,
         ),
-        dict(
-            hidden_size=1024,
-            intermediate_size=4096,
-            num_attention_heads=16,
-            head_dim=64,
-            image_size=1024,
-            patch_size=16,
-        ),
+        {**PIXTRAL_TOWER, "image_size": 1024, "patch_size": 16},
         {},
         (512, 512),
         dict(longest_edge=512, patch_size=16),
@@ -180,14 +176,7 @@ FAMILIES = {
             head_dim=128,
             vocab_size=131072,
         ),
-        dict(
-            hidden_size=1024,
-            intermediate_size=4096,
-            num_attention_heads=16,
-            head_dim=64,
-            image_size=1540,
-            patch_size=14,
-        ),
+        {**PIXTRAL_TOWER, "image_size": 1540, "patch_size": 14},  # Pixtral's tower, its own patches
         {},  # spatial_merge_size 2, bias-free projector, untied head: the zoo config's, as the real one's
         (448, 448),
         dict(longest_edge=448, patch_size=14),  # 32x32 patches of 14 -> the 2x2 merger's 16x16 = 256 tokens
