@@ -315,7 +315,17 @@ def _peer_versions() -> dict:
     return found
 
 
+PEERS = ("unsloth", "transformers", "transformers+liger")  # the contenders a row's speed and memory are put against
+
+
+def _against(row: dict, base: dict | None) -> str:
+    ok = base is not None and "error" not in base and base["peak_gib"]
+    return f"{base['step_ms'] / row['step_ms']:.2f}x, {row['peak_gib'] / base['peak_gib']:.2f}x" if ok else "-"
+
+
 def markdown(result: dict) -> str:
+    """The results table, with a (speed, memory) column against each peer this run has rows of."""
+    peers = [p for p in PEERS if any(r["contender"] == p for r in result["rows"])]
     lines = [
         f"# QLoRA fine-tuning step per family ({result['setup']['bits']}-bit base) — {result['device']}, "
         f"{result['date']}",
@@ -323,28 +333,22 @@ def markdown(result: dict) -> str:
         "versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()),
         f"setup: {result['setup']}",
         "",
-        "| family | contender | step ms | tokens/s | peak GiB | vs unsloth (speed, memory) | vs transformers "
-        "(speed, memory) | LoRA params | first loss |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| family | contender | step ms | tokens/s | peak GiB | "
+        + "".join(f"vs {p} (speed, memory) | " for p in peers)
+        + "LoRA params | first loss |",
+        "|---|---|---|---|---|" + "---|" * len(peers) + "---|---|",
     ]
     by_key = {(r["family"], r["contender"]): r for r in result["rows"]}
     for row in result["rows"]:
         if "error" in row:
-            lines.append(f"| {row['family']} | {row['contender']} | did not run: {row['error'][:160]} ||||||||")
+            lines.append(f"| {row['family']} | {row['contender']} | did not run: {row['error'][:160]} |"
+                         + "|" * (len(peers) + 5))
             continue
         scaling = f" ({row['scaling']}x the tokens/s of 1 GPU)" if row.get("scaling") else ""
-        ratios = []
-        for peer in ("unsloth", "transformers"):
-            base = by_key.get((row["family"], peer))
-            ok = base is not None and "error" not in base
-            ratios.append(
-                f"{base['step_ms'] / row['step_ms']:.2f}x, {row['peak_gib'] / base['peak_gib']:.2f}x"
-                if ok and base["peak_gib"]
-                else "-"
-            )
+        ratios = "".join(f"{_against(row, by_key.get((row['family'], p)))} | " for p in peers)
         lines.append(
             f"| {row['family']} | {row['contender']}{scaling} | {row['step_ms']} | {row['tokens_per_s']} | "
-            f"{row['peak_gib']} | {ratios[0]} | {ratios[1]} | {row['lora_parameters']:,} | {row['first_loss']} |"
+            f"{row['peak_gib']} | {ratios}{row['lora_parameters']:,} | {row['first_loss']} |"
         )
     return "\n".join(lines) + "\n"
 

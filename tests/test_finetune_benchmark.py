@@ -106,3 +106,19 @@ def test_a_run_reports_after_every_row_so_a_cut_run_keeps_what_finished(monkeypa
     assert [len(rows) for rows in seen] == [1, 2, 3, 4]
     assert seen[-1] == [("qwen2_vl", "optimized"), ("qwen2_vl", "transformers"), ("llava", "optimized"),
                         ("llava", "transformers")]
+
+
+def test_the_table_puts_each_row_against_every_peer_the_run_has_and_no_other():
+    finetune = _finetune()
+
+    def row(family, contender, step_ms, peak_gib):
+        return {"family": family, "contender": contender, "bits": 4, "step_ms": step_ms, "peak_gib": peak_gib,
+                "tokens_per_s": 1.0, "lora_parameters": 1, "first_loss": 1.0}
+
+    result = {"device": "GPU", "date": "today", "versions": {}, "setup": {"bits": 4},
+              "rows": [row("llava", "optimized", 100.0, 3.0), row("llava", "transformers+liger", 150.0, 4.0),
+                       row("gemma3", "optimized", 200.0, 2.0)]}
+    header, _, ours, liger, alone = finetune.markdown(result).splitlines()[5:10]
+    assert "vs transformers+liger (speed, memory)" in header and "vs unsloth" not in header
+    assert "| 1.50x, 0.75x |" in ours and "| 1.00x, 1.00x |" in liger
+    assert alone.count("|") == header.count("|") and "| - |" in alone
