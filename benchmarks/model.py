@@ -177,16 +177,47 @@ def profile_steps(model, batch, steps: int = 2, top: int = 30) -> str:
 
 
 def profile_calls(step, steps: int = 2, top: int = 30) -> str:
-    """The `top` kernels (ops on the CPU) by total device time over `steps` calls of `step`."""
+    """The `top` kernels (ops on the CPU) by total device time over `steps` calls of `step`, under a line
+    that says whether the calls are host-bound: wall time, the time the GPU ran any kernel, and launches."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     with profile(activities=activities) as prof:
+        start = time.perf_counter()
         for _ in range(steps):
             step()
         _sync()
+        wall_us = (time.perf_counter() - start) * 1e6
     sort_key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
-    return prof.key_averages().table(sort_by=sort_key, row_limit=top, max_name_column_width=90)
+    table = prof.key_averages().table(sort_by=sort_key, row_limit=top, max_name_column_width=90)
+    return timeline_line(list(prof.events()), steps, wall_us) + "\n\n" + table
+
+
+LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
+
+
+def timeline_line(events, steps: int, wall_us: float) -> str:
+    """Per call: wall ms, GPU-busy ms (the union of the kernels' intervals: overlapping kernels count
+    once) and its share of the wall, and kernel launches. A step whose GPU is busy well under its wall
+    time waits on the host, and a faster kernel will not shorten it. Measured under the profiler, whose
+    cost per op lengthens the host side: compare contenders' lines, not a line with an unprofiled step."""
+    from torch.autograd import DeviceType
+
+    spans = sorted((e.time_range.start, e.time_range.end) for e in events if e.device_type == DeviceType.CUDA)
+    launches = sum(e.name in LAUNCHES for e in events)
+    busy = busy_us(spans)
+    return (f"per call: wall {wall_us / steps / 1e3:.2f} ms; GPU busy {busy / steps / 1e3:.2f} ms "
+            f"({100 * busy / wall_us:.0f}% of wall); {launches / steps:.0f} kernel launches")
+
+
+def busy_us(spans) -> float:
+    """The length of the union of sorted (start, end) intervals."""
+    total, reach = 0.0, float("-inf")
+    for start, end in spans:
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
 
 
 # ------------------------------------------------------------------------------------------ plumbing

@@ -122,3 +122,32 @@ def test_the_table_puts_each_row_against_every_peer_the_run_has_and_no_other():
     assert "vs transformers+liger (speed, memory)" in header and "vs unsloth" not in header
     assert "| 1.50x, 0.75x |" in ours and "| 1.00x, 1.00x |" in liger
     assert alone.count("|") == header.count("|") and "| - |" in alone
+
+
+def _model_bench():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import model
+
+    return model
+
+
+def test_gpu_busy_time_counts_overlapping_kernels_once():
+    model = _model_bench()
+    assert model.busy_us([(0, 10), (5, 20), (6, 8), (30, 40)]) == 30
+    assert model.busy_us([]) == 0
+
+
+def test_a_profile_says_per_call_wall_gpu_busy_and_launches():
+    model = _model_bench()
+    from types import SimpleNamespace as Event
+
+    from torch.autograd import DeviceType
+
+    def kernel(start, end):
+        return Event(name="gemm", device_type=DeviceType.CUDA, time_range=Event(start=start, end=end))
+
+    host = Event(name="cudaLaunchKernel", device_type=DeviceType.CPU, time_range=Event(start=0, end=1))
+    line = model.timeline_line([host, kernel(0, 3000), host, kernel(1000, 4000)], steps=2, wall_us=10000)
+    assert line == "per call: wall 5.00 ms; GPU busy 2.00 ms (40% of wall); 1 kernel launches"
+    text = model.profile_calls(lambda: torch.ones(64).sum(), steps=1, top=3)
+    assert text.startswith("per call: wall ") and "GPU busy 0.00 ms" in text and "Name" in text
