@@ -52,12 +52,17 @@ def offloaded_checkpoint(function, *args, **kwargs):
 def replayed_checkpoint(function, *args, **kwargs):
     """The layer under no_grad, replayed in the backward from its input kept in host memory."""
     function = functools.partial(function, **kwargs) if kwargs else function
-    if torch.is_grad_enabled() and not any(torch.is_tensor(a) and a.requires_grad for a in args) \
-            and _has_trainable_weights(function):
+    inputs_need_grad = any(torch.is_tensor(a) and a.requires_grad for a in args)
+    if not torch.is_grad_enabled() or not (inputs_need_grad or _has_trainable_weights(function)):
+        # Nothing of the layer needs a gradient (a frozen vision tower, or no grad at all): autograd would
+        # record nothing, so it just runs, its input not copied to the host and back.
+        return function(*args)
+    if not inputs_need_grad:
         # No input needs a gradient, so autograd would never call this layer's backward and its LoRA weights
-        # would get none: the vision tower's input, where `enable_input_require_grads` does not reach it
-        # (Qwen3VLVisionModel names no `_input_embed_layer` in transformers 5.24: its vision LoRA trained 0 of
-        # 24 weights). An empty input that requires grad makes autograd call it.
+        # would get none: a vision tower's input, which no embedding hook makes require grad (see
+        # require_text_input_grads; before it, Qwen3-VL's vision LoRA trained 0 of 24 weights, its tower
+        # naming no `_input_embed_layer` for transformers' hook). An empty input that requires grad makes
+        # autograd call it.
         anchor = torch.empty(0, requires_grad=True)
         return _ReplayedCheckpoint.apply(lambda *a: function(*a[:-1]), *args, anchor)
     return _ReplayedCheckpoint.apply(function, *args)
@@ -137,8 +142,9 @@ def _class_method(model: nn.Module, names: tuple[str, ...]) -> str:
 
 def enable_checkpointing(model: nn.Module, mode: bool | str) -> None:
     """True: transformers' own checkpointing. "unsloth": the same with CPU-offloaded layer inputs.
-    Either way `use_cache=False` (a cache is useless when layers are replayed) and the input embeddings
-    require grad, so checkpointed layers see a graph even with every base weight frozen.
+    Either way `use_cache=False` (a cache is useless when layers are replayed) and the text input
+    embedding's output requires grad (require_text_input_grads), so checkpointed text layers see a graph
+    even with every base weight frozen.
 
     transformers' Trainer (and TRL's SFTTrainer, whose SFTConfig turns gradient_checkpointing on by
     default) calls the model's checkpointing entry point again at `train()`, which would silently replace
@@ -153,6 +159,9 @@ def enable_checkpointing(model: nn.Module, mode: bool | str) -> None:
 
 
 def _apply_checkpointing(model: nn.Module, mode: bool | str) -> None:
+    # Before the class's entry point, which calls the model's enable_input_require_grads itself.
+    model.enable_input_require_grads = weakly_bound(require_text_input_grads, model)
+    model.disable_input_require_grads = weakly_bound(unrequire_text_input_grads, model)
     enable = getattr(type(model), _class_method(model, _ENABLE_NAMES))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
@@ -164,6 +173,33 @@ def _apply_checkpointing(model: nn.Module, mode: bool | str) -> None:
     for config in _all_configs(model.config):
         config.use_cache = False
     model.enable_input_require_grads()
+
+
+_INPUT_GRAD_HOOK = "fastvision_input_grad_hook"
+
+
+def require_text_input_grads(model: nn.Module) -> None:
+    """The model's `enable_input_require_grads` (PEFT, TRL and transformers' Trainer call it too): the text
+    input embedding's output requires grad, so checkpointed text layers see a graph with every base weight
+    frozen. transformers' own also hooks every sub-model's input embedding, a vision tower's patch embedding
+    among them, and autograd then runs the backward of a frozen vision tower whose gradient nothing uses.
+    A tower with LoRA needs no hook: fastvision's checkpoints give a layer's weights their gradients whatever
+    its input (replayed_checkpoint's anchor, torch's non-reentrant checkpoint), and unchecked layers get
+    them from autograd itself."""
+    unrequire_text_input_grads(model)
+    hook = model.get_input_embeddings().register_forward_hook(_output_requires_grad)
+    setattr(model, _INPUT_GRAD_HOOK, hook)
+
+
+def unrequire_text_input_grads(model: nn.Module) -> None:
+    """The model's `disable_input_require_grads`: the hook above removed."""
+    hook = vars(model).pop(_INPUT_GRAD_HOOK, None)
+    if hook is not None:
+        hook.remove()
+
+
+def _output_requires_grad(_module, _inputs, output) -> None:
+    output.requires_grad_(True)
 
 
 def _keep_checkpointing(model: nn.Module, *args, **kwargs) -> None:

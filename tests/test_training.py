@@ -102,3 +102,61 @@ def test_a_layer_whose_input_needs_no_gradient_still_gets_its_weight_gradients(p
     want, block.linear.weight.grad = block.linear.weight.grad, None
     offloaded_checkpoint(functools.partial(Block.forward, block), hidden).square().sum().backward()
     assert torch.equal(block.linear.weight.grad, want) and hidden.grad is None
+
+
+def test_a_layer_nothing_of_which_needs_a_gradient_just_runs_without_a_host_copy(monkeypatch):
+    """A frozen vision tower's layer under "unsloth" checkpointing: nothing would record a graph, so its input
+    is not copied to host memory and back, and its output needs no gradient."""
+    copies = []
+    monkeypatch.setattr(training, "_pack", lambda tensor: copies.append(tensor) or (tensor.device, tensor))
+    block = Block().eval().requires_grad_(False)
+    out = offloaded_checkpoint(functools.partial(Block.forward, block), torch.randn(3, 8))
+    assert not out.requires_grad and not copies
+    block.requires_grad_(True)
+    offloaded_checkpoint(functools.partial(Block.forward, block), torch.randn(3, 8))
+    assert any(c.shape == (3, 8) for c in copies)  # a layer with weights to train keeps its input on the host
+
+
+def _vision_layer_outputs_need_grad(family: str, finetune_vision_layers: bool, checkpointing="unsloth"):
+    """A training step of the zoo model: whether the vision tower's last layer and the first text layer gave
+    outputs that require grad, and the trainable weights' gradients."""
+    import reference
+    from conformance import inputs, zoo
+    from reference.families import family_of
+
+    model, processor = reference.FastVisionModel.from_pretrained(str(zoo.checkpoint(family)), load_in_4bit=False,
+                                                                 use_gradient_checkpointing=checkpointing)
+    spec = family_of(model.config)
+    model = reference.FastVisionModel.get_peft_model(model, finetune_vision_layers=finetune_vision_layers, r=4,
+                                                     use_gradient_checkpointing=checkpointing)
+    model = reference.FastVisionModel.for_training(model, use_gradient_checkpointing=checkpointing)
+    model.enable_input_require_grads()  # as PEFT's and TRL's set-up calls it
+    base = model.get_base_model()
+    seen = {}
+    for key, path in (("vision", spec.vision_layers), ("text", spec.text_layers)):
+        def record(_module, _inputs, out, key=key):
+            seen.setdefault(key, (out if torch.is_tensor(out) else out[0]).requires_grad)
+
+        base.get_submodule(path)[-1 if key == "vision" else 0].register_forward_hook(record)
+    batch = dict(inputs.image_batch(processor))
+    torch.manual_seed(0)
+    model(**batch, labels=batch["input_ids"]).loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    return seen["vision"], seen["text"], grads
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava"])
+def test_a_frozen_vision_tower_runs_no_backward_and_every_adapter_gets_its_gradient(family):
+    """transformers' enable_input_require_grads also makes the patch embedding's output require grad, and
+    autograd then runs a frozen tower's whole backward for a gradient nothing uses. The model's own keeps
+    only the text input's hook (reference.training.require_text_input_grads). With vision LoRA or without,
+    every adapter gets the gradient it gets without checkpointing (Llava's last CLIP layer none: its output
+    is not used)."""
+    for vision_lora in (False, True):
+        vision, text, grads = _vision_layer_outputs_need_grad(family, finetune_vision_layers=vision_lora)
+        assert vision is vision_lora and text
+        _, _, plain = _vision_layer_outputs_need_grad(family, finetune_vision_layers=vision_lora, checkpointing=False)
+        assert grads.keys() == plain.keys()
+        assert all((grads[n] is None) == (plain[n] is None) for n in grads)
+        assert all(torch.equal(grads[n], plain[n]) for n in grads if plain[n] is not None)
+        assert any(plain[n] is not None for n in grads if "lora_B" in n and "language_model" not in n) is vision_lora
