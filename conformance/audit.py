@@ -334,15 +334,25 @@ def _row(name: str, got: dict, yardstick: dict, dtype: torch.dtype) -> LayerRow:
 
 # ------------------------------------------------------------------------------------------- hashes
 def checkpoint_hash(path: pathlib.Path) -> str:
-    """sha256 over config.json and, per weight file, its name, size, safetensors header and every byte
-    of it up to 64 MiB (a real checkpoint's GBs are not read; its header and size still change with it)."""
+    """sha256 over config.json's values less the writer's `transformers_version` stamp (the same zoo weights
+    saved under transformers 5.24 and 5.25 differ only there) and, per weight file, its name, size,
+    safetensors header and every byte of it up to 64 MiB (a real checkpoint's GBs are not read; its header
+    and size still change with it)."""
     digest = hashlib.sha256()
-    for file in sorted([path / "config.json", *path.glob("*.safetensors")]):
+    config = _unstamped(json.loads((path / "config.json").read_text()))
+    digest.update(b"config.json" + json.dumps(config, sort_keys=True).encode())
+    for file in sorted(path.glob("*.safetensors")):
         digest.update(file.name.encode())
         digest.update(str(file.stat().st_size).encode())
         with open(file, "rb") as handle:
             digest.update(handle.read(64 << 20))
     return digest.hexdigest()
+
+
+def _unstamped(config):
+    if isinstance(config, dict):
+        return {k: _unstamped(v) for k, v in config.items() if k != "transformers_version"}
+    return config
 
 
 def _hash_tensors(batch) -> str:
