@@ -72,16 +72,13 @@ def test_a_report_of_another_schema_is_refused(tmp_path, capsys):
 def test_the_checkpoint_hash_ignores_the_writers_transformers_version_and_nothing_else(tmp_path):
     """transformers stamps its version into config.json: the same zoo weights saved under 5.24 and 5.25 must
     still match their baseline, and any other config value or weight byte must not."""
-    import json
-
-    from conformance.audit import checkpoint_hash
 
     def saved(name, config, weights=b"weights"):
         directory = tmp_path / name
         directory.mkdir()
         (directory / "config.json").write_text(json.dumps(config))
         (directory / "model.safetensors").write_bytes(weights)
-        return checkpoint_hash(directory)
+        return audit.checkpoint_hash(directory)
 
     config = {"model_type": "llava", "text_config": {"hidden_size": 8, "transformers_version": "5.24.0"},
               "transformers_version": "5.24.0"}
