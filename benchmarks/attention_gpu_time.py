@@ -15,27 +15,15 @@ import argparse
 import pathlib
 import sys
 
-import torch
-from triton.testing import do_bench
-
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 import attention as bench  # noqa: E402
+from attention_routed import graph_ms  # noqa: E402
 
 from optimized.kernels import attention as kernel  # noqa: E402
 
 CASES = ("pixtral_vision_blockdiag_d64", "qwen2vl_vision_varlen_d80", "text_causal_gqa_d128")
-
-
-def graph_ms(step) -> float:
-    """Median ms of `step` replayed from a CUDA graph: no host work in the timed region."""
-    step()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return do_bench(graph.replay, warmup=25, rep=100, return_mode="median")
 
 
 def main(argv=None) -> None:
