@@ -5,6 +5,8 @@ The workload and measurement of benchmarks/finetune.py (its checkpoint, batch, l
 the variants, timed in this order on the same model:
 
   shipped              what from_pretrained + get_peft_model + for_training give
+  serial copies        "unsloth" checkpointing's copies of layer inputs to the host and back issued on the
+                       compute stream instead of beside it (reference/host_offload.py, overlap=False)
   recorded checkpoint  "unsloth" checkpointing through torch's recorded (non-reentrant) graph, the
                        implementation a DDP process uses (reference/training.py)
   peft lora            PEFT's own LoRA modules instead of the fused LoRA op (optimized.use_peft_lora)
@@ -39,9 +41,16 @@ def _checkpointing(model, function) -> None:
             module._gradient_checkpointing_func = function
 
 
-def _recorded(model) -> None:
-    from reference import training
+def _serial_copies(model) -> None:
+    from reference import host_offload
 
+    host_offload.use_streams(host_offload.Streams(overlap=False))
+
+
+def _recorded(model) -> None:
+    from reference import host_offload, training
+
+    host_offload.use_streams(host_offload.Streams())
     _checkpointing(model, training.recorded_checkpoint)
 
 
@@ -53,7 +62,8 @@ def _peft_lora(model) -> None:
     optimized.use_peft_lora(model)
 
 
-VARIANTS = (("shipped", None), ("recorded checkpoint", _recorded), ("peft lora", _peft_lora))
+VARIANTS = (("shipped", None), ("serial copies", _serial_copies), ("recorded checkpoint", _recorded),
+            ("peft lora", _peft_lora))
 
 
 def host_profile(model, batch, steps: int = 2, top: int = 25) -> str:

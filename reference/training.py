@@ -3,6 +3,7 @@
 `"unsloth"` checkpointing is activation checkpointing whose saved layer inputs live in CPU memory:
 only each layer's input is kept (as in plain checkpointing), and it is copied to the host in the
 forward and back in the backward, so device memory for activations no longer grows with the layer count.
+The copies run beside the layers, off the compute stream (`reference/host_offload.py`).
 """
 
 from __future__ import annotations
@@ -15,25 +16,18 @@ import warnings
 import torch
 from torch import nn
 
+from reference import host_offload
 from reference.instance_methods import weakly_bound
 
 logger = logging.getLogger("fastvision")
 
 
-def _to_host(tensor: torch.Tensor) -> torch.Tensor:
-    if tensor.device.type == "cpu":
-        return tensor.detach()  # already in host memory: a copy would only double it
-    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=torch.cuda.is_available())
-    return host.copy_(tensor.detach(), non_blocking=True)
+def _pack(tensor: torch.Tensor) -> host_offload.Parked | host_offload.Kept:
+    return host_offload.park(tensor)
 
 
-def _pack(tensor: torch.Tensor):
-    return tensor.device, _to_host(tensor)
-
-
-def _unpack(packed) -> torch.Tensor:
-    device, host = packed
-    return host.to(device, non_blocking=True)
+def _unpack(parked: host_offload.Parked | host_offload.Kept) -> torch.Tensor:
+    return parked.fetch()
 
 
 def offloaded_checkpoint(function, *args, **kwargs):
@@ -89,8 +83,17 @@ def recorded_checkpoint(function, *args, **kwargs):
     variable ready only once". torch's checkpoint also replays the forward's RNG state and autocast."""
     from torch.utils.checkpoint import checkpoint  # imported by transformers' checkpointing anyway
 
-    with torch.autograd.graph.saved_tensors_hooks(_pack, _unpack):
-        return checkpoint(function, *args, use_reentrant=False, **kwargs)
+    parked = []
+
+    def pack(tensor):
+        parked.append(_pack(tensor))
+        return parked[-1]
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, _unpack):
+        outputs = checkpoint(function, *args, use_reentrant=False, **kwargs)
+    for each in parked:
+        each.settle()  # the layer is done: later work waits for its input's copy to the host
+    return outputs
 
 
 class _ReplayedCheckpoint(torch.autograd.Function):
@@ -108,7 +111,11 @@ class _ReplayedCheckpoint(torch.autograd.Function):
         ctx.rng_states = (torch.get_rng_state(), torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None)
         ctx.autocast = [(d, torch.get_autocast_dtype(d)) for d in ("cpu", "cuda") if torch.is_autocast_enabled(d)]
         with torch.no_grad():
-            return function(*args)
+            outputs = function(*args)
+        for parked, tensor in zip(ctx.args, ctx.tensors):
+            if tensor:
+                parked.settle()  # the layer is done: later work waits for its input's copy to the host
+        return outputs
 
     @staticmethod
     def backward(ctx, *grad_outputs):

@@ -71,7 +71,7 @@ def test_the_ablation_times_each_variant_on_one_model_and_switches_what_it_names
     from transformers import AutoProcessor
 
     from optimized import ops
-    from reference import training
+    from reference import host_offload, training
 
     monkeypatch.setattr(ops, "interpreter_enabled", lambda: False)
 
@@ -84,10 +84,15 @@ def test_the_ablation_times_each_variant_on_one_model_and_switches_what_it_names
     fused_before = _fused_projections(model)
     switched, real = [], ablation._checkpointing
     ablation._checkpointing = lambda m, function: switched.append(function) or real(m, function)
+    overlap, time_steps = [], ablation.finetune.time_steps
+    monkeypatch.setattr(ablation.finetune, "time_steps",
+                        lambda *a: overlap.append(host_offload.STREAMS.overlap) or time_steps(*a))
+    monkeypatch.setattr(host_offload, "STREAMS", host_offload.STREAMS)  # restored after the test
     rows = ablation.time_variants("qwen2_vl", model, batch, ARGS)
     assert [row["variant"] for row in rows] == [name for name, _ in ablation.VARIANTS]
     assert len({row["lora_parameters"] for row in rows}) == 1 and all(row["step_ms"] > 0 for row in rows)
     assert switched == [training.recorded_checkpoint, training.offloaded_checkpoint]
+    assert overlap == [True, False, True, True]  # only "serial copies" issues them on the compute stream
     assert fused_before > 0 and _fused_projections(model) == 0  # the last variant ran PEFT's own modules
 
 

@@ -8,7 +8,7 @@ import functools
 import pytest
 import torch
 
-from reference import training
+from reference import host_offload, training
 from reference.training import offloaded_checkpoint
 
 
@@ -108,7 +108,7 @@ def test_a_layer_nothing_of_which_needs_a_gradient_just_runs_without_a_host_copy
     """A frozen vision tower's layer under "unsloth" checkpointing: nothing would record a graph, so its input
     is not copied to host memory and back, and its output needs no gradient."""
     copies = []
-    monkeypatch.setattr(training, "_pack", lambda tensor: copies.append(tensor) or (tensor.device, tensor))
+    monkeypatch.setattr(training, "_pack", lambda tensor: copies.append(tensor) or host_offload.Kept(tensor))
     block = Block().eval().requires_grad_(False)
     out = offloaded_checkpoint(functools.partial(Block.forward, block), torch.randn(3, 8))
     assert not out.requires_grad and not copies
