@@ -10,7 +10,8 @@ Here the whole projection runs in the base's compute dtype (bf16) on tensor core
 cast to it per call (r x in values: 65k for r=16 at 4,096), and the output is written once:
   forward:  y = x W^T (+ b) + s (x A^T) B^T      saves x (the layer input, usually held anyway) and
                                                  x A^T (tokens x r); not the 16-bit W
-  backward: da = s dy B;  dB = s dy^T (x A^T);  dA = da^T x;  dx = dy W + da A, W dequantized again
+  backward: da = dy B;  dB = s dy^T (x A^T);  dA = s da^T x;  dx = dy W + s da A, W dequantized again
+            (A and B in 16 bits saved from the forward, not cast again)
 The adapters' gradients are bf16 matmuls (fp32 accumulation) returned in fp32; PEFT's are fp32 matmuls
 of the same bf16 activations, so the two differ by bf16 rounding of the gradient (2^-9 relative).
 
@@ -33,26 +34,33 @@ class _LoraLinear(torch.autograd.Function):
         x = x.to(dtype)
         a, b = lora_A.to(dtype), lora_B.to(dtype)
         low = x @ a.T  # (tokens, r)
-        out = x @ dequantize(weight, quant_state).to(dtype).T
-        if bias is not None:
-            out += bias.to(dtype)
+        base = dequantize(weight, quant_state).to(dtype).T
+        out = x @ base if bias is None else torch.addmm(bias.to(dtype), x, base)
         out.addmm_(low, b.T, alpha=scaling)
-        ctx.save_for_backward(x, low, lora_A, lora_B)
+        # The adapters in 16 bits, saved rather than cast again in the backward (r x (in + out) values).
+        ctx.save_for_backward(x, low, a, b)
         ctx.weight, ctx.quant_state, ctx.scaling, ctx.dequantize = weight, quant_state, scaling, dequantize
+        ctx.adapter_dtypes = lora_A.dtype, lora_B.dtype
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, low, lora_A, lora_B = ctx.saved_tensors
+        # 8 launches (12 before 2026-12-08): the scaling rides on addmm's alpha and on the multiply that also
+        # writes the adapters' gradients in their dtype.
+        x, low, a, b = ctx.saved_tensors
         dtype, scaling = x.dtype, ctx.scaling
         grad_out = grad_out.to(dtype)
-        grad_low = (grad_out @ lora_B.to(dtype)).mul_(scaling)  # (tokens, r)
-        grad_A = (grad_low.T @ x).to(lora_A.dtype) if ctx.needs_input_grad[4] else None
-        grad_B = (grad_out.T @ low).mul_(scaling).to(lora_B.dtype) if ctx.needs_input_grad[5] else None
-        grad_x = None
+        grad_low = grad_out @ b  # (tokens, r), unscaled
+        grad_A = grad_B = grad_x = None
+        if ctx.needs_input_grad[4]:
+            grad_A = torch.mul(grad_low.T @ x, scaling, out=torch.empty(a.shape, dtype=ctx.adapter_dtypes[0],
+                                                                         device=a.device))
+        if ctx.needs_input_grad[5]:
+            grad_B = torch.mul(grad_out.T @ low, scaling, out=torch.empty(b.shape, dtype=ctx.adapter_dtypes[1],
+                                                                           device=b.device))
         if ctx.needs_input_grad[0]:
             grad_x = grad_out @ ctx.dequantize(ctx.weight, ctx.quant_state).to(dtype)
-            grad_x.addmm_(grad_low, lora_A.to(dtype))
+            grad_x.addmm_(grad_low, a, alpha=scaling)
         return grad_x, None, None, None, grad_A, grad_B, None, None, None
 
 
