@@ -272,6 +272,12 @@ def _load_weights(decision: LoadDecision, backend: Backend):
     kwargs.update({key: decision.hub_kwargs[key] for key in ("subfolder", "variant") if key in decision.hub_kwargs})
     if decision.quantization_config is not None:
         kwargs["quantization_config"] = decision.quantization_config
+    if "use_kernels" not in kwargs and "kernel_config" not in kwargs:
+        # transformers 5.25 turns hub kernels on by default where the `kernels` package is installed (it
+        # requires that package; 5.17 had them off): at load it maps kernels fetched from the hub onto decorated
+        # layers (a network call on a GPU), and every train()/eval() maps them again, which took the optimized
+        # backend's fused norms off Llama, Qwen2 and Mistral text layers at for_training. Off unless asked.
+        kwargs["use_kernels"] = False
     chosen = request.kwargs.get("attn_implementation")
     registration = None if chosen else backend.attention(request)
     failure = None

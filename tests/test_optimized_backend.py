@@ -196,6 +196,33 @@ def test_a_training_forward_fuses_the_lm_head_into_the_loss_and_builds_no_logits
         assert model(**batch, labels=batch["input_ids"]).logits is not None
 
 
+@pytest.mark.parametrize("family", ALL)
+def test_the_fused_layers_stay_through_the_mode_switches_of_a_training_run(fused_calls, family):
+    """get_peft_model, for_training, the Trainer's train() at every step, for_inference: the fused norms and
+    MLPs serve throughout. transformers 5.25 with the `kernels` package it installs maps hub kernels onto
+    decorated layers at load and at every mode switch, which dropped the fused norms of Llama, Qwen2 and
+    Mistral text layers at for_training (0 of 5 on the tiny Llava); fastvision loads with use_kernels=False."""
+    model, processor = _load(optimized, family)
+    model = optimized.FastVisionModel.get_peft_model(model, r=4, finetune_vision_layers=False)
+    batch = _batch(processor, model)
+    api = optimized.FastVisionModel
+    for switch in (api.for_training, lambda m: m.train(), api.for_inference):  # train(): the Trainer's, every step
+        switch(model)
+        before = dict(fused_calls)
+        with torch.set_grad_enabled(model.training):
+            model(**batch, labels=batch["input_ids"])
+        norms = fused_calls["rmsnorm"] - before["rmsnorm"]
+        gated = fused_calls["gated_activation"] - before["gated_activation"]
+        assert norms >= 2 * _text_layers(model) + 1 and gated >= _text_layers(model), (family, norms, gated)
+    assert not model.get_base_model().use_kernels
+
+
+def test_no_backend_maps_hub_kernels_unless_asked():
+    for backend in (reference, optimized):
+        model, _ = _load(backend, "llava")
+        assert not model.use_kernels, backend.__name__
+
+
 def test_an_adapter_on_the_lm_head_keeps_transformers_head_and_its_logits(fused_calls):
     import peft
 
