@@ -226,8 +226,9 @@ def _eager(path: pathlib.Path, dtype: torch.dtype, device: str, quantized_like: 
     # qwen2_vl layer-0 output; float32 eager and float64 SDPA have none), and the NaN reaches every token
     # through the next layer's values: the float64 judge computes attention with SDPA's math kernel.
     attention = "sdpa" if dtype == torch.float64 else "eager"
+    # use_kernels=False: transformers 5.25 would otherwise swap hub kernels into the judge (and fetch them on a GPU).
     model = AutoModelForImageTextToText.from_pretrained(
-        path, attn_implementation=attention, dtype=dtype, device_map=device, **kwargs
+        path, attn_implementation=attention, dtype=dtype, device_map=device, use_kernels=False, **kwargs
     )
     return model.eval().requires_grad_(False)
 

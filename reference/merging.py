@@ -85,7 +85,7 @@ def _sixteen_bit_base(base: nn.Module) -> nn.Module:
         return _copy_of(base, dtype)
     source = _original_of(base.config._name_or_path)
     if source is not None:
-        return AutoModelForImageTextToText.from_pretrained(source, dtype=dtype, device_map="cpu")
+        return AutoModelForImageTextToText.from_pretrained(source, dtype=dtype, device_map="cpu", use_kernels=False)
     warnings.warn(
         f"save_pretrained_merged: the 16-bit original of {base.config._name_or_path} is neither a local "
         "directory nor cached, so the LoRA deltas are merged into the dequantized 4-bit weights the "
@@ -190,5 +190,6 @@ def _merged_4bit(model, out: Path) -> None:
             bnb_4bit_compute_dtype=_dtype(_base(model)),
             llm_int8_skip_modules=quantization.skip_modules(family, quantize_vision=False),
         )
-        quantized = AutoModelForImageTextToText.from_pretrained(staging, quantization_config=config, device_map="cpu")
+        quantized = AutoModelForImageTextToText.from_pretrained(staging, quantization_config=config, device_map="cpu",
+                                                                use_kernels=False)  # no hub kernels: see loader
         quantized.save_pretrained(out)
