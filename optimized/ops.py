@@ -19,6 +19,7 @@ from optimized import attention_peers
 from reference.ops import attention as attention_twin
 from reference.ops import cross_entropy as cross_entropy_twin
 from reference.ops import gated_activation as gated_activation_twin
+from reference.ops import gated_lora_down as gated_lora_down_twin
 from reference.ops import linear_cross_entropy as linear_cross_entropy_twin
 from reference.ops import lora_linear as lora_linear_twin
 from reference.ops import rmsnorm as rmsnorm_twin
@@ -39,6 +40,7 @@ def kernels() -> dict:
     from optimized.kernels import (
         cross_entropy,
         gated_activation,
+        gated_lora_down,
         linear_cross_entropy,
         lora_linear,
         nf4_dequant,
@@ -54,6 +56,7 @@ def kernels() -> dict:
         "causal_lm_loss": cross_entropy.causal_lm_loss,
         "linear_causal_lm_loss": linear_cross_entropy.linear_causal_lm_loss,
         "lora_linear": lora_linear.lora_linear,
+        "gated_lora_down": gated_lora_down.gated_lora_down,
         "dequantize_nf4": nf4_dequant.dequantize_nf4,
         "nf4_unreadable": nf4_dequant.unreadable,
     }
@@ -68,6 +71,7 @@ TWINS = {
     "causal_lm_loss": cross_entropy_twin.causal_lm_loss,
     "linear_causal_lm_loss": linear_cross_entropy_twin.linear_causal_lm_loss,
     "lora_linear": lora_linear_twin.lora_linear,
+    "gated_lora_down": gated_lora_down_twin.gated_lora_down,
     # Not the plain-PyTorch twin (reference/ops/nf4_dequant.py, which the kernel is tested against) but
     # bitsandbytes' own dequantize_4bit: what the reference backend runs, and it reads every quant state.
     "dequantize_nf4": lora_linear_twin.dequantized,
@@ -181,3 +185,15 @@ def lora_linear(x, weight, quant_state, bias, lora_A, lora_B, scaling):
     if not kernel_serves(x):
         return TWINS["lora_linear"](x, weight, quant_state, bias, lora_A, lora_B, scaling)
     return kernels()["lora_linear"](x, weight, quant_state, bias, lora_A, lora_B, scaling, dequantized)
+
+
+def gated_lora_down(gate, up, activation, weight, quant_state, bias, lora_A, lora_B, scaling):
+    """A gated MLP's activation and LoRA down projection as one op (`reference/ops/gated_lora_down.py`): the
+    activation's kernel, the projection's plain torch matmuls, a 4-bit base dequantized with `dequantize_nf4`.
+    The interpreter computes the activation on fp32 copies of bf16 gate and up (numpy has no bf16)."""
+    if not kernel_serves(gate):
+        return TWINS["gated_lora_down"](gate, up, activation, weight, quant_state, bias, lora_A, lora_B, scaling)
+    kernel, projection = kernels()["gated_lora_down"], (weight, quant_state, bias, lora_A, lora_B, scaling, dequantized)
+    if gate.dtype == torch.bfloat16 and not gate.is_cuda:
+        return kernel(gate.float(), up.float(), activation, *projection).to(torch.bfloat16)
+    return kernel(gate, up, activation, *projection)

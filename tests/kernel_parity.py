@@ -8,6 +8,8 @@ import os
 import torch
 from hypothesis import HealthCheck, settings
 
+from conformance.tolerances import kernel_bound
+
 GPU = os.environ.get("FASTVISION_DEVICE", "cpu") == "cuda"
 # Compiled on a GPU, in the 16-bit dtypes; in the interpreter, float32 and float16 (its bf16 `tl.dot` is
 # wrong, and it rounds fp32 -> bf16 toward zero).
@@ -36,3 +38,13 @@ def reference_error(theirs: torch.Tensor, exact: torch.Tensor) -> float:
     theirs = theirs.detach().double()
     finite = torch.isfinite(theirs)
     return (theirs - exact.to(theirs.device)).abs()[finite].max().item() if finite.any() else 0.0
+
+
+def assert_relative_rule(name: str, got: torch.Tensor, yardstick: torch.Tensor, truth: torch.Tensor,
+                         dtype: torch.dtype, context) -> None:
+    """The rule with errors relative to the largest exact value (the floors are for O(1) results); `name`
+    "out" takes the forward's floor, any other a gradient's."""
+    scale = max(1.0, float(truth.abs().max()))
+    bound = kernel_bound(reference_error(yardstick, truth) / scale, dtype, grad=name != "out")
+    err = error(got, truth) / scale
+    assert err <= bound, f"{name}: relative error {err:.3e} > bound {bound:.3e}; {context}"

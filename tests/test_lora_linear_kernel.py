@@ -16,11 +16,10 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conformance.tolerances import kernel_bound
 from optimized.kernels.lora_linear import lora_linear
 from reference.ops.lora_linear import dequantized
 from reference.ops.lora_linear import lora_linear as reference_lora_linear
-from tests.kernel_parity import GPU, error, hypothesis_settings, reference_error
+from tests.kernel_parity import GPU, assert_relative_rule, hypothesis_settings
 
 DEVICE = os.environ.get("FASTVISION_DEVICE", "cpu")
 # The op is torch matmuls on either machine: bf16 runs on the CPU too.
@@ -86,11 +85,7 @@ def check_parity(problem: Problem, scaling: float = 2.0):
     names = ["out"] + (["d(x)"] if problem.input_grad else []) + ["d(lora_A)", "d(lora_B)"]
     for name, got, twin, same, truth in zip(names, ours, theirs, yardstick, exact):
         assert got.dtype == twin.dtype and got.shape == twin.shape, (name, got.dtype, twin.dtype, problem)
-        # Errors relative to the largest exact value: the floors are for O(1) results.
-        scale = max(1.0, float(truth.abs().max()))
-        bound = kernel_bound(reference_error(same, truth) / scale, problem.dtype, grad=name != "out")
-        err = error(got, truth) / scale
-        assert err <= bound, f"{name}: relative error {err:.3e} > bound {bound:.3e}; {problem}"
+        assert_relative_rule(name, got, same, truth, problem.dtype, problem)
 
 
 @st.composite

@@ -124,7 +124,8 @@ def test_a_reference_model_loaded_after_an_optimized_one_is_untouched(kernel_cal
 
 
 FUSED = {"rmsnorm": "rms_norm", "gated_activation": "gated_activation", "rope": "apply_rotary",
-         "cross_entropy": "causal_lm_loss", "linear_cross_entropy": "linear_causal_lm_loss"}
+         "cross_entropy": "causal_lm_loss", "linear_cross_entropy": "linear_causal_lm_loss",
+         "gated_lora_down": "gated_lora_down"}
 
 
 @pytest.fixture
@@ -212,7 +213,7 @@ def test_the_fused_layers_stay_through_the_mode_switches_of_a_training_run(fused
         with torch.set_grad_enabled(model.training):
             model(**batch, labels=batch["input_ids"])
         norms = fused_calls["rmsnorm"] - before["rmsnorm"]
-        gated = fused_calls["gated_activation"] - before["gated_activation"]
+        gated = sum(fused_calls[op] - before[op] for op in ("gated_activation", "gated_lora_down"))
         assert norms >= 2 * _text_layers(model) + 1 and gated >= _text_layers(model), (family, norms, gated)
     assert not model.get_base_model().use_kernels
 
@@ -264,22 +265,42 @@ def _lora_logits_and_grads(model, batch):
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "llava", "gemma3"])
 def test_lora_projections_run_as_one_op_each_and_match_peft_own_modules(monkeypatch, family):
-    calls = []
-    original = ops.kernels()["lora_linear"]
-    monkeypatch.setitem(ops.kernels(), "lora_linear", lambda *args: calls.append(1) or original(*args))
+    """Every adapted projection runs the fused op once -- a gated MLP's down projection inside the op that also
+    runs its activation (gated_lora_down) -- with PEFT's own modules' logits and LoRA gradients."""
+    calls = {"lora_linear": 0, "gated_lora_down": 0}
+    for op in calls:
+        original = ops.kernels()[op]
+        monkeypatch.setitem(ops.kernels(), op, lambda *args, op=op, original=original:
+                            calls.__setitem__(op, calls[op] + 1) or original(*args))
     model, batch = _perturbed_adapters(family)
     adapted = len(model.lora_plan.targets())
     logits, grads = _lora_logits_and_grads(model, batch)
-    assert len(calls) == adapted, f"{family}: {len(calls)} fused LoRA calls for {adapted} adapted projections"
+    assert sum(calls.values()) == adapted, f"{family}: {calls} fused LoRA calls for {adapted} adapted projections"
+    assert calls["gated_lora_down"] == _text_layers(model), f"{family}: {calls}"  # each text MLP's down_proj
     optimized.use_peft_lora(model)
     assert not [n for n, m in model.named_modules() if "forward" in vars(m) and hasattr(m, "lora_A")]
+    counted = dict(calls)
     want_logits, want_grads = _lora_logits_and_grads(model, batch)
-    assert len(calls) == adapted, "PEFT's own modules still ran the fused op"
+    assert calls == counted, "PEFT's own modules still ran the fused op"
     valid = batch["attention_mask"].bool()
     assert (logits - want_logits)[valid].abs().max() <= tolerances.MODEL_LOGITS_ATOL[torch.float32]
     assert set(grads) == set(want_grads) and grads, "other LoRA weights got gradients than through PEFT's modules"
     for name, want in want_grads.items():
         assert (grads[name] - want).abs().max() <= tolerances.model_grads_bound(0.0, want, torch.float32), name
+
+
+def test_a_hooked_down_projection_is_called_as_a_module_not_folded_into_its_mlp(fused_calls):
+    """The MLP folds its LoRA down projection into one op only where calling the module would run nothing
+    else: a forward hook (a user's, or accelerate's offload hooks) must still fire."""
+    from reference.families import family_of
+
+    model, batch = _perturbed_adapters("llava")
+    layers = model.get_base_model().get_submodule(family_of(model.config).text_layers)
+    fired = []
+    layers[0].mlp.down_proj.register_forward_hook(lambda *_: fired.append(1))
+    with torch.no_grad():
+        model(**batch)
+    assert fired == [1] and fused_calls["gated_lora_down"] == len(layers) - 1, (fired, fused_calls)
 
 
 def test_a_disabled_adapter_gives_the_base_model_through_peft(monkeypatch):

@@ -125,21 +125,25 @@ def _gated_fwd_kernel(Gate, Up, Out, n, GELU: tl.constexpr, BLOCK: tl.constexpr)
 @triton.jit
 def _bwd_block(Gate, Up, dOut, dGate, dUp, offs, n, GELU: tl.constexpr, NEED_DGATE: tl.constexpr,
                NEED_DUP: tl.constexpr, MASKED: tl.constexpr):
+    # Every load before any store: dGate and dUp may be Gate and Up themselves (launch_backward's in_place).
     g = _load(Gate, offs, n, MASKED)
     dy = _load(dOut, offs, n, MASKED)
     k_pos, e = _gate_terms(g, GELU)
+    if NEED_DGATE:  # d(gate) = grad * up * act'(g), one rounding at the end (PyTorch rounds grad * up first)
+        dgate = dy * _load(Up, offs, n, MASKED) * _act_grad(g, k_pos, e, GELU)
     if NEED_DUP:  # d(up) = grad * act(g), act(g) rounded as the forward's product saw it
         _store(dUp, offs, dy * _rounded_act(g, k_pos, e, dUp.dtype.element_ty), n, MASKED)
-    if NEED_DGATE:  # d(gate) = grad * up * act'(g), one rounding at the end (PyTorch rounds grad * up first)
-        u = _load(Up, offs, n, MASKED)
-        _store(dGate, offs, dy * u * _act_grad(g, k_pos, e, GELU), n, MASKED)
+    if NEED_DGATE:
+        _store(dGate, offs, dgate, n, MASKED)
 
 
 @triton.jit
 def _gated_bwd_kernel(Gate, Up, dOut, dGate, dUp, n, GELU: tl.constexpr, NEED_DGATE: tl.constexpr,
-                      NEED_DUP: tl.constexpr, BLOCK: tl.constexpr):
+                      NEED_DUP: tl.constexpr, IN_PLACE: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
+    if IN_PLACE:  # stores through the very pointers the loads read, whatever the compiler assumes of aliasing
+        dGate, dUp = Gate, Up
     if (pid + 1) * BLOCK <= n:
         _bwd_block(Gate, Up, dOut, dGate, dUp, offs, n, GELU, NEED_DGATE, NEED_DUP, False)
     else:
@@ -162,7 +166,8 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 
-def _validate(gate: torch.Tensor, up: torch.Tensor, activation: str) -> None:
+def check_inputs(gate: torch.Tensor, up: torch.Tensor, activation: str) -> None:
+    """ValueError unless activation is accepted and gate and up share one shape, dtype and device."""
     check_activation(activation)
     if gate.shape != up.shape:
         raise ValueError(f"gate and up must have the same shape; got {tuple(gate.shape)} and {tuple(up.shape)}")
@@ -176,7 +181,8 @@ def _block(device: torch.device) -> int:
     return compiled_or_interpreted(device, _BLOCK, _INTERPRETER_BLOCK)
 
 
-def _launch_forward(gate: torch.Tensor, up: torch.Tensor, gelu: bool) -> torch.Tensor:
+def launch_forward(gate: torch.Tensor, up: torch.Tensor, gelu: bool) -> torch.Tensor:
+    """act(gate) * up for contiguous gate and up of one shape, dtype and device, in a new tensor."""
     out = torch.empty_like(gate)
     n = gate.numel()
     if n:
@@ -186,17 +192,20 @@ def _launch_forward(gate: torch.Tensor, up: torch.Tensor, gelu: bool) -> torch.T
     return out
 
 
-def _launch_backward(gate, up, grad_out, gelu: bool, need_dgate: bool, need_dup: bool):
-    """(dgate, dup), each None where not needed."""
-    dgate = torch.empty_like(gate) if need_dgate else None
-    dup = torch.empty_like(up) if need_dup else None
+def launch_backward(gate, up, grad_out, gelu: bool, need_dgate: bool, need_dup: bool, in_place: bool = False):
+    """(dgate, dup), each None where not needed, for contiguous gate, up and grad_out; with `in_place` they are
+    written over gate and up (a program reads each element before it writes it). The kernel's own autograd
+    Function never does that: its inputs may be the caller's tensors (`gated_lora_down.py` does, where they are
+    the MLP's own)."""
+    dgate = (gate if in_place else torch.empty_like(gate)) if need_dgate else None
+    dup = (up if in_place else torch.empty_like(up)) if need_dup else None
     n = gate.numel()
     if n and (need_dgate or need_dup):
         # A gradient not asked for gets a placeholder pointer of the right dtype that is never written.
         block = _block(gate.device)
         _launch(_gated_bwd_kernel, (cdiv(n, block),), gate, up, grad_out,
                 gate if dgate is None else dgate, up if dup is None else dup, n, GELU=gelu,
-                NEED_DGATE=need_dgate, NEED_DUP=need_dup, BLOCK=block, num_warps=_NUM_WARPS)
+                NEED_DGATE=need_dgate, NEED_DUP=need_dup, IN_PLACE=in_place, BLOCK=block, num_warps=_NUM_WARPS)
     return dgate, dup
 
 
@@ -212,13 +221,13 @@ class _GatedActivationFunction(torch.autograd.Function):
         gate, up = gate.contiguous(), up.contiguous()
         ctx.save_for_backward(gate, up)
         ctx.gelu = gelu
-        return _launch_forward(gate, up, gelu)
+        return launch_forward(gate, up, gelu)
 
     @staticmethod
     def backward(ctx, grad_out):
         gate, up = ctx.saved_tensors
         need_dgate, need_dup = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        dgate, dup = _launch_backward(gate, up, grad_out.contiguous(), ctx.gelu, need_dgate, need_dup)
+        dgate, dup = launch_backward(gate, up, grad_out.contiguous(), ctx.gelu, need_dgate, need_dup)
         return dgate, dup, None
 
 
@@ -230,8 +239,8 @@ def gated_activation(gate: torch.Tensor, up: torch.Tensor, activation: str) -> t
     "gelu_tanh" (ValueError otherwise); gate and up of one shape, dtype (float16, bfloat16, float32) and
     device.
     """
-    _validate(gate, up, activation)
+    check_inputs(gate, up, activation)
     return _GatedActivationFunction.apply(gate, up, activation == "gelu_tanh")
 
 
-__all__ = ["gated_activation"]
+__all__ = ["check_inputs", "gated_activation", "launch_backward", "launch_forward"]

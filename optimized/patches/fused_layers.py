@@ -7,7 +7,9 @@ activation and product, rotate-half RoPE's cat and four products, and the loss's
 replaced by one kernel forward and one backward (`optimized/kernels/`):
 
 - RMSNorm modules (Llama-style cast, or Gemma3's `1 + weight` in fp32): the instance's `forward`;
-- gated MLPs `down(act(gate(x)) * up(x))` with SiLU or tanh-GELU: the instance's `forward`;
+- gated MLPs `down(act(gate(x)) * up(x))` with SiLU or tanh-GELU: the instance's `forward`; where `down` is a
+  LoRA projection on the fused op, the activation and that projection are one op (`gated_lora_down`), which
+  keeps neither act(gate) * up nor its gradient beside gate and up in the backward;
 - the text attention's `apply_rotary_pos_emb`: the modeling module's global, switched on by a context
   variable only inside the optimized model's own attention modules, so every other model (reference
   ones included) calls the original function; the global is swapped only while an optimized model
@@ -25,7 +27,7 @@ import inspect
 import sys
 
 from optimized import ops
-from optimized.patches import switched_on
+from optimized.patches import fused_lora, switched_on
 from reference.families import FAMILIES
 from reference.instance_methods import weakly_bound
 from reference.shared_state import SharedChange, module_attribute
@@ -54,7 +56,13 @@ def _norm_forward(module, hidden_states, *, gemma: bool):
 
 
 def _gated_mlp_forward(module, x, *, activation: str):
-    return module.down_proj(ops.gated_activation(module.gate_proj(x), module.up_proj(x), activation))
+    gate, up = module.gate_proj(x), module.up_proj(x)
+    down = fused_lora.direct_arguments(module.down_proj)
+    if down is None:
+        return module.down_proj(ops.gated_activation(gate, up, activation))
+    # A LoRA down projection on the fused op: activation and projection in one op that keeps neither
+    # act(gate) * up nor its gradient beside gate and up (optimized/kernels/gated_lora_down.py).
+    return ops.gated_lora_down(gate, up, activation, *down)
 
 
 def _gated_rotary(original):

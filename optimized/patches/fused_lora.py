@@ -8,6 +8,8 @@ base -- gets an instance `forward` that runs the fused op while exactly one adap
 merged or disabled, and the base is frozen (the op gives it no gradient). Any other call -- PEFT's
 `disable_adapter()` context, several adapters, `adapter_names`, a base bias that trains (`bias="all"`) --
 is PEFT's own forward. `use_peft_lora(model)` takes the fused forwards off: PEFT's modules exactly.
+`direct_arguments` lets a gated MLP fold its down projection into the op that runs its activation, where
+calling the module would have run the fused op and nothing else (no hooks).
 """
 
 from __future__ import annotations
@@ -43,16 +45,36 @@ def fits(module) -> bool:
     return not getattr(module, "lora_bias", {}) or not any(module.lora_bias.values())
 
 
-def _fused_forward(module, x, *args, **kwargs):
+def _arguments(module):
+    """(weight, quant_state, bias, lora_A, lora_B, scaling) of the fused op for a call of `module` now -- one
+    adapter active, none merged or disabled, the base frozen -- else None (PEFT's own forward serves)."""
     active = [name for name in module.active_adapters if name in module.lora_A]
     base = module.get_base_layer()
     base_trains = any(p is not None and p.requires_grad for p in (base.weight, base.bias))  # e.g. bias="all"
-    if args or kwargs or module.disable_adapters or module.merged or len(active) != 1 or base_trains:
-        return type(module).forward(module, x, *args, **kwargs)
+    if module.disable_adapters or module.merged or len(active) != 1 or base_trains:
+        return None
     weight, quant_state = _base_tensors(base)
     name = active[0]
-    return ops.lora_linear(x, weight, quant_state, base.bias, module.lora_A[name].weight, module.lora_B[name].weight,
-                           module.scaling[name])
+    return weight, quant_state, base.bias, module.lora_A[name].weight, module.lora_B[name].weight, module.scaling[name]
+
+
+def _fused_forward(module, x, *args, **kwargs):
+    arguments = None if args or kwargs else _arguments(module)
+    if arguments is None:
+        return type(module).forward(module, x, *args, **kwargs)
+    return ops.lora_linear(x, *arguments)
+
+
+def direct_arguments(module):
+    """The fused op's arguments for computing `module`'s projection without calling it: only where calling it
+    would run the fused op and nothing else -- its fused forward set, no hooks on it or its base layer (an
+    accelerate offload hook wraps forward itself, and so fails the first test) -- else None."""
+    if getattr(vars(module).get("forward"), "__name__", "") != "_fused_forward":
+        return None
+    hooked = [m for m in (module, module.get_base_layer()) if m._forward_hooks or m._forward_pre_hooks]
+    if hooked or torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks:
+        return None
+    return _arguments(module)
 
 
 def _on_adapters(model, peft_model) -> None:
@@ -78,4 +100,4 @@ def unpatch(model) -> None:
     use_peft_lora(model)
 
 
-__all__ = ["fits", "patch", "unpatch", "use_peft_lora"]
+__all__ = ["direct_arguments", "fits", "patch", "unpatch", "use_peft_lora"]
