@@ -7,6 +7,9 @@ the variants, timed in this order on the same model:
   shipped              what from_pretrained + get_peft_model + for_training give
   serial copies        "unsloth" checkpointing's copies of layer inputs to the host and back issued on the
                        compute stream instead of beside it (reference/host_offload.py, overlap=False)
+  two-op mlp           each gated MLP's activation and LoRA down projection as two ops, not one
+                       (optimized/kernels/gated_lora_down.py): a no-op forward hook on every down_proj, which
+                       makes the MLP call it as a module
   recorded checkpoint  "unsloth" checkpointing through torch's recorded (non-reentrant) graph, the
                        implementation a DDP process uses (reference/training.py)
   peft lora            PEFT's own LoRA modules instead of the fused LoRA op (optimized.use_peft_lora)
@@ -47,10 +50,22 @@ def _serial_copies(model) -> None:
     host_offload.use_streams(host_offload.Streams(overlap=False))
 
 
-def _recorded(model) -> None:
-    from reference import host_offload, training
+_DOWN_HOOKS = []
+
+
+def _two_op_mlp(model) -> None:
+    from reference import host_offload
 
     host_offload.use_streams(host_offload.Streams())
+    _DOWN_HOOKS.extend(m.register_forward_hook(lambda *_: None) for name, m in model.named_modules()
+                       if name.endswith("mlp.down_proj") and hasattr(m, "lora_A"))
+
+
+def _recorded(model) -> None:
+    from reference import training
+
+    while _DOWN_HOOKS:
+        _DOWN_HOOKS.pop().remove()
     _checkpointing(model, training.recorded_checkpoint)
 
 
@@ -62,8 +77,8 @@ def _peft_lora(model) -> None:
     optimized.use_peft_lora(model)
 
 
-VARIANTS = (("shipped", None), ("serial copies", _serial_copies), ("recorded checkpoint", _recorded),
-            ("peft lora", _peft_lora))
+VARIANTS = (("shipped", None), ("serial copies", _serial_copies), ("two-op mlp", _two_op_mlp),
+            ("recorded checkpoint", _recorded), ("peft lora", _peft_lora))
 
 
 def host_profile(model, batch, steps: int = 2, top: int = 25) -> str:

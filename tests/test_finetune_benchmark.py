@@ -84,16 +84,25 @@ def test_the_ablation_times_each_variant_on_one_model_and_switches_what_it_names
     fused_before = _fused_projections(model)
     switched, real = [], ablation._checkpointing
     ablation._checkpointing = lambda m, function: switched.append(function) or real(m, function)
-    overlap, time_steps = [], ablation.finetune.time_steps
-    monkeypatch.setattr(ablation.finetune, "time_steps",
-                        lambda *a: overlap.append(host_offload.STREAMS.overlap) or time_steps(*a))
+    overlap, folded, time_steps = [], [], ablation.finetune.time_steps
+    monkeypatch.setattr(ablation.finetune, "time_steps", lambda *a: overlap.append(host_offload.STREAMS.overlap) or
+                        folded.append(_folded_down_projections(model)) or time_steps(*a))
     monkeypatch.setattr(host_offload, "STREAMS", host_offload.STREAMS)  # restored after the test
     rows = ablation.time_variants("qwen2_vl", model, batch, ARGS)
     assert [row["variant"] for row in rows] == [name for name, _ in ablation.VARIANTS]
     assert len({row["lora_parameters"] for row in rows}) == 1 and all(row["step_ms"] > 0 for row in rows)
     assert switched == [training.recorded_checkpoint, training.offloaded_checkpoint]
-    assert overlap == [True, False, True, True]  # only "serial copies" issues them on the compute stream
+    assert overlap == [True, False, True, True, True]  # only "serial copies" issues them on the compute stream
+    layers = model.config.get_text_config().num_hidden_layers
+    assert folded == [layers, layers, 0, layers, 0]  # "two-op mlp" and PEFT's modules fold no down projection
     assert fused_before > 0 and _fused_projections(model) == 0  # the last variant ran PEFT's own modules
+
+
+def _folded_down_projections(model) -> int:
+    from optimized.patches import fused_lora
+
+    return sum(fused_lora.direct_arguments(m) is not None for n, m in model.named_modules()
+               if n.endswith("mlp.down_proj"))
 
 
 def _fused_projections(model) -> int:
