@@ -102,7 +102,9 @@ class Kept:
         pass
 
     def fetch(self) -> torch.Tensor:
-        return self.tensor
+        # A fresh alias a call: the replay sets requires_grad on it and reads its .grad, which a graph kept for a
+        # second backward would otherwise find holding the first backward's gradient (3x instead of 2x).
+        return self.tensor.detach()
 
 
 class Parked:
